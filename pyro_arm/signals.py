@@ -1,0 +1,70 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Plate-local learning signals.
+
+The signal of a guide site is the ELBO integrand :math:`f = \\log p(x, z) - \\log q(z | x)` of
+one run, with each cost term (a site's scaled and masked log-density) summed down to the plates
+it shares with the site, as in Pyro's :class:`~pyro.infer.tracegraph_elbo.TraceGraph_ELBO`: an
+element of a data plate is driven by that datapoint's terms, and terms outside the site's plates
+are summed and broadcast to every element, never dropped.
+
+Dropping the other elements' terms is unbiased only while they do not depend on this element's
+value. That fails when a guide site sampled later lies outside one of the site's plates (it may
+read every entry, and every element's terms then depend on it), so :func:`signal_frames` keeps
+per-element signals only over plates that contain every later guide site, and sums over the
+others. This rule assumes the worst of such a later site; it never adds bias, only variance.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from pyro.infer.util import MultiFrameTensor
+from pyro.poutine import Trace
+from pyro.poutine.indep_messenger import CondIndepStackFrame
+
+
+def cost_terms(model_trace: Trace, guide_trace: Trace) -> MultiFrameTensor:
+    """
+    The detached cost terms of one run: every model site's ``log_prob`` and every guide site's
+    ``-log_prob`` (both scaled and masked), keyed by their plates.
+    """
+    costs = MultiFrameTensor()
+    for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
+        for site in trace.nodes.values():
+            if site["type"] == "sample":
+                costs.add((site["cond_indep_stack"], sign * site["log_prob"].detach()))
+    return costs
+
+
+def signal_frames(guide_trace: Trace, name: str) -> frozenset[CondIndepStackFrame]:
+    """
+    The plates over which the signal of guide site ``name`` stays per-element: the site's
+    vectorized plates that also contain every guide site sampled after it.
+    """
+    frames = None
+    for other_name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"]:
+            continue
+        if frames is not None:
+            frames &= set(site["cond_indep_stack"])
+        elif other_name == name:
+            frames = {f for f in site["cond_indep_stack"] if f.vectorized}
+    if frames is None:
+        raise KeyError(name)
+    return frozenset(frames)
+
+
+def local_signal(
+    costs: MultiFrameTensor, frames: frozenset[CondIndepStackFrame], event_dim: int
+) -> Union[torch.Tensor, float]:
+    """
+    The costs summed down to ``frames``, with ``event_dim`` trailing singleton dims appended so
+    the signal lines up with a sample of the site (right-aligned broadcasting alone would
+    misalign when a plate size equals an event size).
+    """
+    signal = costs.sum_to(frames)
+    if not torch.is_tensor(signal):
+        return signal
+    return signal.reshape(signal.shape + (1,) * event_dim)

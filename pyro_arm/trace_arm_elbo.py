@@ -1,0 +1,282 @@
+# SPDX-License-Identifier: Apache-2.0
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Union
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import is_identically_zero
+from pyro.infer.elbo import ELBO
+from pyro.infer.enum import get_importance_trace
+from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_item
+from pyro.poutine import Trace
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_if_enumerated, warn_if_nan
+
+from pyro_arm.estimators import get_estimator
+from pyro_arm.messengers import BaseSampleMessenger, BranchMessenger
+from pyro_arm.signals import cost_terms, local_signal, signal_frames
+
+_BRANCH_PLATE = "_arm_branches"
+
+
+class _BaseRun(NamedTuple):
+    """One base run of (possibly particle-vectorized) model and guide."""
+
+    model: Callable
+    guide: Callable
+    model_trace: Trace
+    guide_trace: Trace
+    sampler: BaseSampleMessenger
+
+
+class TraceARM_ELBO(ELBO):
+    r"""
+    An ELBO whose gradient gives every Bernoulli sample site of the guide the antithetic
+    ARM estimator (Augment-REINFORCE-Merge [1]), or DisARM [2] or AR.
+
+    For a guide site :math:`z \sim \mathrm{Bernoulli}(\sigma(\phi))` with independent
+    components, a uniform :math:`u \sim U(0, 1)` of :math:`z`'s shape gives the sample
+    :math:`z_2 = 1[u < \sigma(\phi)]` and its antithetic twin :math:`z_1 = 1[u > \sigma(-\phi)]`,
+    and with :math:`f = \log p(x, z) - \log q(z \mid x)`
+
+    .. math::
+
+        \nabla_\phi \mathbb{E}_q[f] = \mathbb{E}_u\big[(f(z_1) - f(z_2))(u - \tfrac12)\big]
+        \quad \text{(ARM)}, \qquad
+        \mathbb{E}_u\big[f(z_2)(1 - 2u)\big] \quad \text{(AR)},
+
+    and DisARM integrates :math:`u` out given the pair:
+    :math:`\mathbb{E}[\tfrac12 (f(z_1) - f(z_2))(1 - 2 z_2) 1[z_1 \ne z_2] \sigma(|\phi|)]`.
+    The gradient flows from :math:`\phi` into whatever the logits depend on (guide parameters,
+    upstream reparameterized samples); the explicit gradient of :math:`\log q(z)`, which has
+    mean zero, is dropped at these sites.
+
+    **Several sites.** The signal of ARM site :math:`t` compares the base run with a branch that
+    holds every site sampled before :math:`t` at its base value, sets :math:`t` to :math:`z_1`,
+    and resamples the sites after :math:`t`, later Bernoulli sites from their base uniforms
+    (common random numbers). The :math:`z_2` member of every pair is thus the base run itself,
+    and :math:`T` ARM sites cost :math:`T + 1` runs of model and guide per particle (AR: one).
+    With ``vectorize_particles=True`` the particles run as one batched base pass and all
+    :math:`T` branches of all particles as one batched pass, without gradient tape.
+
+    **Plate-local signals.** Each cost term is summed down to the plates it shares with site
+    :math:`t`, so datapoint :math:`n`'s logits are driven by datapoint :math:`n`'s terms. Where a
+    guide site sampled after :math:`t` lies outside one of :math:`t`'s plates, that plate is summed
+    over instead (see :mod:`pyro_arm.signals`). Subsample scales, ``poutine.scale`` and both kinds
+    of mask enter the signal through the scaled, masked log-densities; the weight is not scaled.
+
+    **Everything else** is as in :class:`~pyro.infer.trace_elbo.Trace_ELBO`: model parameters get
+    the ordinary gradient at the sampled values, reparameterized sites are pathwise, and other
+    non-reparameterized sites, including Bernoulli sites that opt out with
+    ``infer={"arm": False}``, get a score-function estimator with the same plate-local signals.
+
+    :param int num_particles: number of particles (samples) averaged in the estimate.
+    :param int max_plate_nesting: bound on nested :class:`pyro.plate` contexts; guessed by running
+        model and guide once when vectorizing and left unset.
+    :param bool vectorize_particles: run particles and antithetic branches as batched passes;
+        requires a structure that does not depend on sampled values (violations raise
+        :class:`NotImplementedError` naming the site).
+    :param str estimator: ``"arm"`` (default), ``"disarm"`` or ``"ar"``; any name registered in
+        :data:`pyro_arm.estimators.ESTIMATORS`.
+    :param kwargs: other keyword arguments of :class:`~pyro.infer.elbo.ELBO`.
+
+    References
+
+    [1] ARM: Augment-REINFORCE-Merge Gradient for Stochastic Binary Networks,
+        Mingzhang Yin, Mingyuan Zhou (ICLR 2019)
+
+    [2] DisARM: An Antithetic Gradient Estimator for Binary Latent Variables,
+        Zhe Dong, Andriy Mnih, George Tucker (NeurIPS 2020)
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: float = float("inf"),
+        vectorize_particles: bool = False,
+        estimator: str = "arm",
+        **kwargs: Any,
+    ) -> None:
+        self.estimator = get_estimator(estimator)
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            **kwargs,
+        )
+
+    def _get_trace(self, model, guide, args, kwargs) -> _BaseRun:
+        sampler = BaseSampleMessenger()
+        with self._batched_pass_errors(sampler.order, "the batched pass of particles"):
+            model_trace, guide_trace = get_importance_trace(
+                "flat", self.max_plate_nesting, model, sampler(guide), args, kwargs
+            )
+        if is_validation_enabled():
+            check_if_enumerated(guide_trace)
+        return _BaseRun(model, guide, model_trace, guide_trace, sampler)
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """
+        :returns: an estimate of the negative ELBO, from the same base runs (and random
+            numbers) that :meth:`loss_and_grads` and :meth:`differentiable_loss` use.
+        :rtype: float
+        """
+        with torch.no_grad():
+            elbo = sum(_elbo(run) for run in self._get_traces(model, guide, args, kwargs))
+        loss = -torch_item(elbo) / self.num_particles
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """
+        :returns: a tensor whose value is the negative ELBO estimate and whose gradient is the
+            ARM estimate of the negative ELBO's gradient.
+        """
+        loss, surrogate_loss, _ = self._loss_and_surrogate(model, guide, args, kwargs)
+        warn_if_nan(surrogate_loss, "loss")
+        return loss + (surrogate_loss - surrogate_loss.detach())
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """
+        Estimates the negative ELBO and accumulates the estimate of its gradient into the
+        ``.grad`` of the parameters of model and guide.
+
+        :returns: an estimate of the negative ELBO.
+        :rtype: float
+        """
+        loss, surrogate_loss, trainable = self._loss_and_surrogate(model, guide, args, kwargs)
+        if trainable and surrogate_loss.requires_grad:
+            surrogate_loss.backward(retain_graph=self.retain_graph)
+        loss = torch_item(loss)
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def _loss_and_surrogate(self, model, guide, args, kwargs):
+        # All base runs come first, so that the random numbers behind the reported loss are
+        # drawn exactly as in `loss`.
+        runs = list(self._get_traces(model, guide, args, kwargs))
+        elbo = surrogate_elbo = 0.0
+        for run in runs:
+            elbo = elbo + _elbo(run).detach()
+            surrogate_elbo = surrogate_elbo + self._surrogate_elbo(run, args, kwargs)
+        trainable = any(
+            site["type"] == "param"
+            for run in runs
+            for trace in (run.model_trace, run.guide_trace)
+            for site in trace.nodes.values()
+        )
+        loss = -torch.as_tensor(elbo) / self.num_particles
+        surrogate_loss = -torch.as_tensor(surrogate_elbo) / self.num_particles
+        return loss, surrogate_loss, trainable
+
+    def _surrogate_elbo(self, run: _BaseRun, args, kwargs) -> Union[torch.Tensor, float]:
+        """A surrogate of one run whose gradient is the gradient estimate of its ELBO."""
+        costs = cost_terms(run.model_trace, run.guide_trace)
+        surrogate = 0.0
+        for site in run.model_trace.nodes.values():
+            if site["type"] == "sample":
+                surrogate = surrogate + site["log_prob_sum"]
+        for name, site in run.guide_trace.nodes.items():
+            if site["type"] != "sample" or name in run.sampler.arm_sites:
+                continue
+            _, score_function, entropy_term = site["score_parts"]
+            if not is_identically_zero(entropy_term):
+                surrogate = surrogate - entropy_term.sum()
+            if not is_identically_zero(score_function):
+                signal = costs.sum_to(signal_frames(run.guide_trace, name))
+                surrogate = surrogate + (score_function * signal).sum()
+        return surrogate + self._arm_surrogate(run, costs, args, kwargs)
+
+    def _arm_surrogate(self, run: _BaseRun, costs: MultiFrameTensor, args, kwargs):
+        arm_sites = run.sampler.arm_sites
+        if not arm_sites:
+            return 0.0
+        frames = {name: signal_frames(run.guide_trace, name) for name in arm_sites}
+        if self.estimator.antithetic:
+            branch_signals = self._branch_signals(run, frames, args, kwargs)
+        else:
+            branch_signals = dict.fromkeys(arm_sites)
+        surrogate = 0.0
+        for name, arm in arm_sites.items():
+            base_signal = local_signal(costs, frames[name], arm.event_dim)
+            grad = self.estimator.logits_grad(branch_signals[name], base_signal, arm.u, arm.logits)
+            surrogate = surrogate + (grad.detach() * arm.logits).sum()
+        return surrogate
+
+    def _branch_signals(self, run: _BaseRun, frames, args, kwargs) -> dict:
+        """The signal of each ARM site in the branch that flips it."""
+        names = list(run.sampler.arm_sites)
+        if not self.vectorize_particles:
+            signals = {}
+            for name in names:
+                flip = BranchMessenger(run.sampler, [name], branch_dim=None)
+                costs = _run_costs(run.model, flip(run.guide), args, kwargs)
+                signals[name] = local_signal(
+                    costs, frames[name], run.sampler.arm_sites[name].event_dim
+                )
+            return signals
+
+        branch_dim = -self.max_plate_nesting - 1
+        branches = pyro.plate(_BRANCH_PLATE, len(names), dim=branch_dim)
+        flips = BranchMessenger(run.sampler, names, branch_dim)
+        with self._batched_pass_errors(flips.seen, "the batched pass of antithetic branches"):
+            costs = _run_costs(branches(run.model), flips(branches(run.guide)), args, kwargs)
+        missing = [name for name in run.sampler.order if name not in flips.seen]
+        if missing:
+            raise NotImplementedError(
+                f"Site '{missing[0]}' of the base run did not appear in an antithetic branch: "
+                "the guide's structure depends on sampled values, which a vectorized pass "
+                "cannot follow; use vectorize_particles=False"
+            )
+        branch_frame = next(f for key in costs for f in key if f.name == _BRANCH_PLATE)
+        signals = {}
+        for index, name in enumerate(names):
+            signal = costs.sum_to(frames[name] | {branch_frame})
+            if torch.is_tensor(signal) and signal.dim() == -branch_dim:
+                signal = signal[index]
+            event_dim = run.sampler.arm_sites[name].event_dim
+            signals[name] = signal.reshape(signal.shape + (1,) * event_dim)
+        return signals
+
+    def _batched_pass_errors(self, seen: list, what: str):
+        return _BatchedPassErrors(seen, what, self.vectorize_particles)
+
+
+class _BatchedPassErrors:
+    """Turns a RuntimeError raised by user code inside a batched pass into a clear error."""
+
+    def __init__(self, seen: list, what: str, active: bool) -> None:
+        self.seen, self.what, self.active = seen, what, active
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.active and exc_type is RuntimeError:
+            where = f"after site '{self.seen[-1]}'" if self.seen else "before the first site"
+            raise NotImplementedError(
+                f"Model or guide failed {where} in {self.what}: {exc}. Code that converts a "
+                "sampled value to a Python number or branches on it (.item(), `if z:`) cannot "
+                "run vectorized; use vectorize_particles=False"
+            ) from exc
+        return False
+
+
+def _elbo(run: _BaseRun) -> torch.Tensor:
+    return run.model_trace.log_prob_sum() - run.guide_trace.log_prob_sum()
+
+
+def _run_costs(model, guide, args, kwargs) -> MultiFrameTensor:
+    """Runs guide and model once without gradient and returns the cost terms."""
+    with torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+        guide_trace = prune_subsample_sites(guide_trace)
+        model_trace = prune_subsample_sites(model_trace)
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+        return cost_terms(model_trace, guide_trace)
