@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+# SPDX-License-Identifier: Apache-2.0
+"""
+Regenerates ``pyro_arm/datasets/mnist_subset.npz``, the embedded MNIST subset.
+
+Usage::
+
+    python scripts/make_embedded_mnist.py [--source ../shared/data/mnist] [--out PATH]
+
+``--source`` is a folder with the four standard MNIST IDX files (raw or ``.gz``), or ``download``.
+The rule (which images, 4-bit packing) is :data:`pyro_arm.data.EMBEDDED_RULE` and
+:func:`pyro_arm.data.make_embedded_arrays`; the output is deterministic (fixed zip timestamps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pyro_arm.data import (  # noqa: E402
+    EMBEDDED_PATH,
+    download_mnist,
+    make_embedded_arrays,
+    read_idx_folder,
+)
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Like ``np.savez_compressed`` but byte-for-byte reproducible (fixed member timestamps)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        for name in sorted(arrays):
+            member = io.BytesIO()
+            np.lib.format.write_array(
+                member, np.ascontiguousarray(arrays[name]), allow_pickle=False
+            )
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, member.getvalue(), compresslevel=9)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--source", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    parser.add_argument("--out", default=str(EMBEDDED_PATH))
+    args = parser.parse_args(argv)
+    folder = download_mnist() if args.source == "download" else args.source
+    arrays = make_embedded_arrays(read_idx_folder(folder))
+    out = Path(args.out)
+    write_npz(out, arrays)
+    sizes = {k: v.shape for k, v in arrays.items()}
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): {sizes}")
+
+
+if __name__ == "__main__":
+    main()
