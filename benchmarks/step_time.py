@@ -1,0 +1,144 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Time per SVI step (forward + backward + Adam step) of TraceARM_ELBO against Pyro's ELBOs and the
+plain-PyTorch ARM step, on sigmoid belief nets fed real binarized MNIST batches.
+
+Every (model, batch size, contender) runs in this one process, interleaved round by round in a
+fresh random order, so that load on a shared machine hits all alike; the script reports the median
+time per step and medians of per-round ratios.
+
+    python benchmarks/step_time.py                       # CPU, 2 threads
+    python benchmarks/step_time.py --device cuda          # on a GPU
+
+Prints a markdown table and one JSON line (``--json-out`` also writes it to a file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+
+import common
+import torch
+
+KEY_RATIOS = {  # name in the JSON -> (numerator, denominator), same (model, batch)
+    "arm_vectorized/trace_elbo": ("arm_vec", "trace_elbo"),
+    "arm_vectorized/plain_torch_arm": ("arm_vec", "plain_arm"),
+    "arm_sequential/trace_elbo": ("arm_seq", "trace_elbo"),
+    "arm_vectorized/arm_sequential": ("arm_vec", "arm_seq"),
+    "disarm_vectorized/plain_torch_disarm": ("disarm_vec", "plain_disarm"),
+    "ar_vectorized/plain_torch_ar": ("ar_vec", "plain_ar"),
+    "trace_elbo/plain_torch_arm": ("trace_elbo", "plain_arm"),
+    "tracegraph_elbo/trace_elbo": ("tracegraph_elbo", "trace_elbo"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rounds", type=int, default=30, help="timed rounds (default 30)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    p.add_argument("--steps", type=int, default=2, help="steps per contender per round")
+    p.add_argument("--models", nargs="+", default=["linear", "two_layer"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[50, 500])
+    p.add_argument("--contenders", nargs="+", default=None, help="default: all available")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default 2)")
+    p.add_argument("--data", default="embedded", help="MNIST source for pyro_arm.data.load_mnist")
+    p.add_argument("--quick", action="store_true", help="smoke run: batch 50, 1 warmup, 1 step")
+    p.add_argument("--json-out", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch_sizes, args.warmup, args.steps = [min(args.batch_sizes)], 1, 1
+    return args
+
+
+def make_runner(contender: common.Contender, batches: list[torch.Tensor], steps: int):
+    """A zero-argument callable doing ``steps`` training steps on the next batches (cycled)."""
+    cycle = itertools.cycle(batches)
+
+    def run():
+        for _ in range(steps):
+            contender.step(next(cycle))
+
+    return run
+
+
+def plain_reference(name: str) -> str:
+    """The plain-PyTorch contender to compare ``name`` with: same estimator, else ``plain_arm``."""
+    estimator = name.split("_")[0]
+    if name.endswith(("_seq", "_vec")) and estimator in common.ESTIMATORS:
+        return f"plain_{estimator}"
+    return name if name.startswith("plain_") else "plain_arm"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.set_threads(args.threads, args.device)
+    data = common.load_data(args.data)
+    x_mean = data.train.mean(0)
+    names = args.contenders or common.available_contenders()
+    runners = {}
+    for model, batch in itertools.product(args.models, args.batch_sizes):
+        gen = torch.Generator().manual_seed(args.seed)
+        batches = [
+            b.to(args.device) for b, _ in zip(data.batches("train", batch, generator=gen), range(8))
+        ]
+        for name in names:
+            c = common.make_contender(name, model, x_mean, seed=args.seed, device=args.device)
+            runners[(model, batch, name)] = make_runner(c, batches, args.steps)
+
+    times = common.interleaved_times(
+        runners, args.rounds, args.warmup, common.device_sync(args.device), args.seed
+    )
+    per_step = {k: [t / args.steps for t in v] for k, v in times.items()}
+
+    rows, record = [], {"ms_per_step": {}, "ratios": {}}
+    for model, batch in itertools.product(args.models, args.batch_sizes):
+        group = f"{model}/b{batch}"
+        record["ms_per_step"][group] = {}
+        record["ratios"][group] = {}
+        for name in names:
+            t = per_step[(model, batch, name)]
+            med = statistics.median(t) * 1e3
+            record["ms_per_step"][group][name] = med
+            vs = [
+                common.median_ratio(t, per_step[(model, batch, ref)])
+                if ref in names
+                else float("nan")
+                for ref in ("trace_elbo", plain_reference(name))
+            ]
+            rows.append((model, batch, name, med, *vs))
+        for key, (num, den) in KEY_RATIOS.items():
+            if num in names and den in names:
+                record["ratios"][group][key] = common.median_ratio(
+                    per_step[(model, batch, num)], per_step[(model, batch, den)]
+                )
+    if "linear" in args.models and "two_layer" in args.models:
+        for batch in args.batch_sizes:
+            for name in [n for n in names if n.endswith("_vec") or n.startswith("plain_")]:
+                record["ratios"][f"two_layer/linear/b{batch}/{name}"] = common.median_ratio(
+                    per_step[("two_layer", batch, name)], per_step[("linear", batch, name)]
+                )
+
+    print(f"## Time per SVI step, median of {args.rounds} interleaved rounds ({args.device})\n")
+    print(
+        common.markdown_table(
+            ["model", "batch", "contender", "ms/step", "x trace_elbo", "x plain (same est.)"], rows
+        )
+    )
+    print()
+    record.update(
+        benchmark="step_time",
+        device=args.device,
+        rounds=args.rounds,
+        steps_per_round=args.steps,
+        env=common.environment(),
+    )
+    common.emit_json(record, args.json_out)
+    return record
+
+
+if __name__ == "__main__":
+    main()
