@@ -2,99 +2,51 @@
 """
 Shared pieces of the benchmark scripts: data, models (Pyro and plain), contenders, interleaved
 timing and output.
-
-The scripts use :mod:`pyro_arm.models` and :mod:`pyro_arm.data` when they import; otherwise a
-minimal stand-in with the same interface (below) keeps them running.
 """
 
 from __future__ import annotations
 
-import gzip
+import copy
 import json
 import math
 import os
 import random
 import statistics
-import struct
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
 from pyro.optim import Adam
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_arm import PlainARMStep, PlainSBN, build_plain_sbn  # noqa: E402
+from plain_arm import PlainARMStep, PlainSBN, arm_surrogate_loss  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
-
-try:  # the real ELBO, once it lands
-    from pyro_arm import TraceARM_ELBO
-except ImportError:  # pragma: no cover - stand-in period only
-    TraceARM_ELBO = None
-
-try:
-    from pyro_arm.models import build_sbn as _build_sbn
-except ImportError:  # pragma: no cover
-    _build_sbn = None
-
-try:
-    from pyro_arm.data import load_mnist as _load_mnist
-except ImportError:  # pragma: no cover
-    _load_mnist = None
+from pyro_arm import TraceARM_ELBO  # noqa: E402
+from pyro_arm.data import load_mnist  # noqa: E402
+from pyro_arm.models import build_sbn  # noqa: E402
 
 ESTIMATORS = ("arm", "disarm", "ar")
-MODEL_LAYERS = {
-    "linear": ([200], ()),
-    "two_layer": ([200, 200], ()),
-    "nonlinear": ([200], (200, 200)),
-}
 
 
 # ----------------------------------------------------------------------------------------- data
 
 
-@dataclass
-class _StandInMNIST:
-    train: torch.Tensor
-    valid: torch.Tensor
-    test: torch.Tensor
-
-    def batches(self, split, batch_size, *, device=None, generator=None, shuffle=True):
-        data = getattr(self, split)
-        n = data.shape[0]
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield data[order[i : i + batch_size]].to(device)
-
-
-def _read_idx_images(path: Path) -> torch.Tensor:
-    with gzip.open(path, "rb") as fh:
-        _, n, rows, cols = struct.unpack(">IIII", fh.read(16))
-        raw = np.frombuffer(fh.read(), dtype=np.uint8).reshape(n, rows * cols)
-    return torch.from_numpy(raw.astype(np.float32) / 255.0)
-
-
 def load_data(source: str = "embedded"):
-    """
-    Binarized MNIST with ``.train``, ``.valid``, ``.test`` and ``.batches(...)``.
+    """Binarized MNIST (thresholded) from :func:`pyro_arm.data.load_mnist`."""
+    return load_mnist(source)
 
-    Uses :func:`pyro_arm.data.load_mnist` when present; the stand-in reads the IDX files
-    (``source`` a folder, or the shared copy for ``"embedded"``) and thresholds at 0.5.
-    """
-    if _load_mnist is not None:
-        return _load_mnist(source)
-    folder = SHARED_MNIST if source in ("embedded", "download") else Path(source)
-    train = (_read_idx_images(folder / "train-images-idx3-ubyte.gz") > 0.5).float()
-    test = (_read_idx_images(folder / "t10k-images-idx3-ubyte.gz") > 0.5).float()
-    return _StandInMNIST(train[:50000], train[50000:], test)
+
+def train_batches(data, batch_size: int, generator: torch.Generator, device="cpu"):
+    """Endless full-size training batches, reshuffled every epoch by ``generator``."""
+    while True:
+        yield from data.batches(
+            "train", batch_size, device=device, generator=generator, drop_last=True
+        )
 
 
 def fixed_batch(data, batch_size: int, seed: int = 0, device="cpu") -> torch.Tensor:
@@ -106,56 +58,24 @@ def fixed_batch(data, batch_size: int, seed: int = 0, device="cpu") -> torch.Ten
 # --------------------------------------------------------------------------------------- models
 
 
-class _StandInSBN(torch.nn.Module):
-    """The interface of :class:`pyro_arm.models.SigmoidBeliefNet`, wrapping a :class:`PlainSBN`."""
-
-    def __init__(self, plain: PlainSBN):
-        super().__init__()
-        self.net = plain
-
-    def model(self, x):
-        net = self.net
-        pyro.module("decoders", net.decoders)
-        prior = pyro.param("prior_logits", net.prior_logits)
-        T = net.num_layers
-        with pyro.plate("data", x.shape[0], dim=-1):
-            z = pyro.sample(
-                f"z{T}", dist.Bernoulli(logits=prior.expand(x.shape[0], -1)).to_event(1)
-            )
-            for k in reversed(range(T)):
-                logits = net.decoders[k](z)
-                if k == 0:
-                    pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
-                else:
-                    z = pyro.sample(f"z{k}", dist.Bernoulli(logits=logits).to_event(1))
-
-    def guide(self, x):
-        net = self.net
-        pyro.module("encoders", net.encoders)
-        with pyro.plate("data", x.shape[0], dim=-1):
-            h = x
-            for k, enc in enumerate(net.encoders):
-                h = pyro.sample(f"z{k + 1}", dist.Bernoulli(logits=enc(h)).to_event(1))
-
-
 def build_pyro_sbn(name: str, x_mean: torch.Tensor | None = None):
     """The Pyro SBN (``.model`` / ``.guide``) called ``name``."""
-    if _build_sbn is not None:
-        return _build_sbn(name, x_mean=x_mean)
-    layers, hidden = MODEL_LAYERS[name]
-    return _StandInSBN(build_plain_sbn(layers, 784, x_mean, hidden))
+    return build_sbn(name, x_mean=x_mean)
 
 
 def plain_from_pyro(sbn) -> PlainSBN:
     """
-    A :class:`PlainSBN` sharing the parameters of the Pyro SBN ``sbn`` (same init, same modules).
+    A :class:`PlainSBN` sharing the modules and parameters of the Pyro SBN ``sbn``.
 
     Used to start the plain ARM step from the same parameters as the Pyro one, and to evaluate
     both with the same code.
     """
-    if isinstance(sbn, _StandInSBN):
-        return sbn.net
-    return _plain_view_of_real_sbn(sbn)
+    slope = sbn.negative_slope
+    return PlainSBN(
+        [_Map(m, slope) for m in sbn.encoders],
+        [_Map(m, slope) for m in sbn.decoders],
+        sbn.prior_logits,
+    )
 
 
 class _Map(torch.nn.Module):
@@ -174,15 +94,6 @@ class _Map(torch.nn.Module):
         return h
 
 
-def _plain_view_of_real_sbn(sbn) -> PlainSBN:
-    slope = sbn.negative_slope
-    return PlainSBN(
-        [_Map(m, slope) for m in sbn.encoders],
-        [_Map(m, slope) for m in sbn.decoders],
-        sbn.prior_logits,
-    )
-
-
 def move_to(module: torch.nn.Module, device) -> torch.nn.Module:
     """``module.to(device)`` that also works where a model overrides ``nn.Module._apply``."""
     if str(device) == "cpu":
@@ -194,8 +105,6 @@ def move_to(module: torch.nn.Module, device) -> torch.nn.Module:
 
 def copy_of_plain(sbn) -> PlainSBN:
     """An independent copy of the parameters of ``sbn`` (Pyro or plain) as a :class:`PlainSBN`."""
-    import copy
-
     plain = sbn if isinstance(sbn, PlainSBN) else plain_from_pyro(sbn)
     return copy.deepcopy(plain)
 
@@ -210,8 +119,6 @@ def pyro_loss(kind: str, num_particles: int = 1):
     if kind == "tracegraph_elbo":
         return TraceGraph_ELBO(num_particles=num_particles, max_plate_nesting=1)
     estimator, mode = kind.rsplit("_", 1)
-    if TraceARM_ELBO is None:
-        raise RuntimeError("pyro_arm.TraceARM_ELBO is not available")
     return TraceARM_ELBO(
         num_particles=num_particles,
         max_plate_nesting=1,
@@ -223,8 +130,7 @@ def pyro_loss(kind: str, num_particles: int = 1):
 def available_contenders(include_plain: bool = True) -> list[str]:
     """Every contender name this installation can run."""
     names = ["trace_elbo", "tracegraph_elbo"]
-    if TraceARM_ELBO is not None:
-        names += [f"{e}_{m}" for m in ("seq", "vec") for e in ESTIMATORS]
+    names += [f"{e}_{m}" for m in ("seq", "vec") for e in ESTIMATORS]
     if include_plain:
         names += [f"plain_{e}" for e in ESTIMATORS]
     return names
@@ -235,6 +141,7 @@ class Contender:
     """A training step on its own copy of the model: ``step(x) -> loss``."""
 
     name: str
+    module: torch.nn.Module
     step: Callable[[torch.Tensor], float]
     params: Callable[[], Iterable[tuple[str, torch.nn.Parameter]]]
     grad_only: Callable[[torch.Tensor], None]
@@ -262,12 +169,10 @@ def make_contender(
         step = PlainARMStep(plain, torch.optim.Adam(plain.parameters(), lr=lr), estimator)
 
         def grad_only(x):
-            from plain_arm import arm_surrogate_loss
-
             plain.zero_grad(set_to_none=True)
             arm_surrogate_loss(plain, x, estimator)[0].backward()
 
-        return Contender(name, step, lambda: plain.named_parameters(), grad_only)
+        return Contender(name, plain, step, lambda: plain.named_parameters(), grad_only)
 
     sbn = build_pyro_sbn(model_name, x_mean)
     if init is not None:
@@ -301,7 +206,7 @@ def make_contender(
 
         run(go)
 
-    return Contender(name, step, lambda: sbn.named_parameters(), grad_only)
+    return Contender(name, sbn, step, lambda: sbn.named_parameters(), grad_only)
 
 
 def encoder_param_names(contender: Contender) -> list[str]:
@@ -387,6 +292,4 @@ def environment() -> dict:
         "pyro": pyro.__version__,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
-        "stand_in_models": _build_sbn is None,
-        "stand_in_data": _load_mnist is None,
     }
