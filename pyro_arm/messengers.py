@@ -2,18 +2,19 @@
 """
 Effect handlers that draw the guide's Bernoulli samples from stored uniforms.
 
-:class:`BaseSampleMessenger` runs the guide once as usual, except that each ARM site draws
-:math:`u \\sim U(0, 1)` itself and takes the value :math:`z_2 = 1[u < \\sigma(\\phi)]`; it keeps
-the uniforms, the logits, the antithetic twin :math:`z_1` and every site's value.
+Each ARM site draws :math:`u \\sim U(0, 1)` itself and takes the value
+:math:`z_2 = 1[u < \\sigma(\\phi)]`, its antithetic twin being :math:`z_1 = 1[u > \\sigma(-\\phi)]`.
+The antithetic branch of ARM site :math:`t` holds every site sampled before :math:`t` at its
+base value, sets :math:`t` to :math:`z_1`, and resamples everything after :math:`t`; later ARM
+sites reuse their base uniforms (common random numbers), so a site that does not depend on
+:math:`z_t` keeps its base value and adds nothing to the difference of the two runs.
 
-:class:`BranchMessenger` re-runs the guide for the antithetic branches of that base run. The
-branch of ARM site :math:`t` holds every site sampled before :math:`t` at its base value, sets
-:math:`t` to :math:`z_1`, and resamples everything after :math:`t`; later Bernoulli sites reuse
-their base uniforms (common random numbers), so a site that does not depend on :math:`z_t`
-keeps its base value and contributes nothing to the difference of the two runs. Several
-branches run as one batched pass when the guide is wrapped in a plate over branches.
+- :class:`BaseSampleMessenger` and :class:`BranchMessenger` do this one run at a time, so the
+  structure of model and guide may depend on sampled values.
+- :class:`BatchedBranchMessenger` runs the base run and all branches as one batched pass, the
+  branches indexed by a plate.
 
-Both handlers must wrap the guide outside every plate, so that the plates have broadcast a
+Each handler must wrap the guide outside every plate, so that the plates have broadcast a
 site's distribution before the handler reads its shape.
 """
 
@@ -29,7 +30,7 @@ from pyro_arm.sites import bernoulli_logits, is_arm_site, is_subsample_site
 
 
 class ARMSample(NamedTuple):
-    """What the base run keeps of one ARM site."""
+    """What a run keeps of one ARM site: its uniforms, logits and antithetic pair."""
 
     u: torch.Tensor
     logits: torch.Tensor
@@ -40,7 +41,7 @@ class ARMSample(NamedTuple):
 
 class BaseSampleMessenger(Messenger):
     """
-    Samples each ARM site of a guide from a stored uniform and records the base run.
+    Samples each ARM site of a guide from a stored uniform and records the run.
 
     After the run, :attr:`order` lists the names of the sampled (non-observed) sites in
     execution order, :attr:`values` maps every sampled site, subsample sites included, to
@@ -73,31 +74,18 @@ class BaseSampleMessenger(Messenger):
 
 class BranchMessenger(Messenger):
     """
-    Replays a base run with antithetic flips, one flipped ARM site per branch.
+    Replays a base run with ARM site ``flip`` set to its antithetic twin.
 
-    :param base: the handler of the base run.
-    :param flips: names of the flipped ARM sites, one per branch.
-    :param branch_dim: the plate dim that indexes branches when several run in one batched
-        pass, or ``None`` for a single branch (then a structure that differs from the base
-        run is allowed: new sites are sampled afresh).
+    Sites before ``flip`` keep their base values, and so do the plates' subsamples; sites
+    after it are resampled, ARM sites from their base uniforms. A site the base run did not
+    have (the structure may depend on the flipped value) is sampled afresh.
     """
 
-    def __init__(self, base: BaseSampleMessenger, flips: list[str], branch_dim: Optional[int]):
+    def __init__(self, base: BaseSampleMessenger, flip: str) -> None:
         super().__init__()
-        if branch_dim is None and len(flips) != 1:
-            raise ValueError("Several branches need a branch plate dim")
         self.base = base
         self.position = {name: i for i, name in enumerate(base.order)}
-        self.flip_positions = [self.position[name] for name in flips]
-        self.branch_dim = branch_dim
-        self.seen: list[str] = []
-
-    def _branch_mask(self, compare, position: int, like: torch.Tensor, event_dim: int):
-        """A bool tensor over branches, shaped to broadcast against a site's value."""
-        mask = torch.tensor(
-            [compare(position, flip) for flip in self.flip_positions], device=like.device
-        )
-        return mask.reshape((-1,) + (1,) * (-self.branch_dim - 1 + event_dim))
+        self.flip = self.position[flip]
 
     def _pyro_sample(self, msg) -> None:
         if msg["is_observed"] or msg["value"] is not None:
@@ -107,52 +95,79 @@ class BranchMessenger(Messenger):
             msg["value"] = self.base.values[name]
             return
         position = self.position.get(name)
-        if position is None:
-            if self.branch_dim is not None:
-                raise NotImplementedError(
-                    f"Site '{name}' appeared in an antithetic branch but not in the base run: "
-                    "the guide's structure depends on sampled values, which a vectorized pass "
-                    "cannot follow; use vectorize_particles=False"
-                )
-            return  # a new site downstream of the flip: sampled afresh
-        self.seen.append(name)
-        base_value = self.base.values[name]
         arm = self.base.arm_sites.get(name)
-        if self.branch_dim is None:
-            self._single_branch(msg, position, base_value, arm)
-        else:
-            self._batched_branches(msg, position, base_value, arm)
-
-    def _single_branch(self, msg, position, base_value, arm) -> None:
-        flip = self.flip_positions[0]
-        if position < flip:
-            msg["value"] = base_value
+        if position is None:
+            return
+        if position < self.flip:
+            msg["value"] = self.base.values[name]
         elif arm is None:
-            return  # resampled by Pyro
-        elif position == flip:
+            return
+        elif position == self.flip:
             msg["value"] = arm.z1
         else:
-            msg["value"] = _common_random_sample(msg["fn"], arm)
+            logits = bernoulli_logits(msg["fn"])
+            if logits is not None and msg["fn"].shape() == arm.u.shape:
+                msg["value"] = (arm.u < torch.sigmoid(logits)).to(logits.dtype)
 
-    def _batched_branches(self, msg, position, base_value, arm) -> None:
+
+class BatchedBranchMessenger(Messenger):
+    """
+    Runs the base run and the antithetic branches of ``num_arm_sites`` ARM sites as one pass.
+
+    The guide must be wrapped in a plate of size ``num_arm_sites + 1`` at ``branch_dim``
+    (inside this handler). Index 0 of that plate is the base run; index ``k + 1`` is the branch
+    of the ``k``-th ARM site in execution order. After the run, :attr:`arm_sites` holds each
+    ARM site's uniforms and its base logits, with a size-1 dim in place of the branch dim.
+
+    :param num_arm_sites: the number of ARM sites the guide samples, or ``None`` to run the
+        base run alone (a plate of size 1) with any number of ARM sites.
+    :param branch_dim: the dim of the branch plate.
+    """
+
+    def __init__(self, num_arm_sites: Optional[int], branch_dim: int) -> None:
+        super().__init__()
+        self.num_arm_sites = num_arm_sites
+        self.branch_dim = branch_dim
+        self.arm_sites: dict[str, ARMSample] = {}
+        self.order: list[str] = []
+        self._flip_index = None
+
+    def _branch_flips(self, fn, device) -> tuple[torch.Tensor, int]:
+        """Which ARM site each branch flips (-1 for the base run), shaped like ``fn``'s samples."""
+        if self._flip_index is None or self._flip_index.device != device:
+            self._flip_index = torch.arange(-1, self.num_arm_sites or 0, device=device)
+        axis = len(fn.batch_shape) + self.branch_dim
+        shape = (-1,) + (1,) * (len(fn.shape()) - axis - 1)
+        return self._flip_index.reshape(shape), axis
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["is_observed"] or msg["value"] is not None or is_subsample_site(msg):
+            return
         fn = msg["fn"]
-        event_dim = fn.event_dim
-        if all(position < flip for flip in self.flip_positions):
-            msg["value"] = base_value.expand(fn.shape())
+        name = msg["name"]
+        self.order.append(name)
+        k = len(self.arm_sites)
+        if not is_arm_site(msg):
+            # Sampled afresh in the base run and in the branches of ARM sites before it;
+            # held at its base value in the branches of ARM sites after it.
+            value = fn(*msg["args"], **msg["kwargs"])
+            if self.num_arm_sites is not None and k < self.num_arm_sites:
+                flips, axis = self._branch_flips(fn, value.device)
+                value = torch.where(flips >= k, value.narrow(axis, 0, 1), value)
+            msg["value"] = value
             return
-        before = self._branch_mask(int.__lt__, position, base_value, event_dim)
-        if arm is None:
-            fresh = fn(*msg["args"], **msg["kwargs"])
-            msg["value"] = torch.where(before, base_value, fresh)
-            return
-        at = self._branch_mask(int.__eq__, position, base_value, event_dim)
-        after = _common_random_sample(fn, arm)
-        msg["value"] = torch.where(before, arm.z2, torch.where(at, arm.z1, after))
-
-
-def _common_random_sample(fn, arm: ARMSample) -> torch.Tensor:
-    """A Bernoulli sample of ``fn`` made from the base run's uniforms where the shapes agree."""
-    logits = bernoulli_logits(fn)
-    if logits is None or torch.broadcast_shapes(arm.u.shape, fn.shape()) != fn.shape():
-        return fn()
-    return (arm.u < torch.sigmoid(logits)).to(logits.dtype)
+        if self.num_arm_sites is not None and k >= self.num_arm_sites:
+            raise NotImplementedError(
+                f"ARM site '{name}' was not seen when the guide's Bernoulli sites were counted: "
+                "the guide's structure depends on sampled values, which a vectorized pass "
+                "cannot follow; use vectorize_particles=False"
+            )
+        logits = bernoulli_logits(fn)
+        logits = logits.expand(fn.shape()) if logits.shape != fn.shape() else logits
+        flips, axis = self._branch_flips(fn, logits.device)
+        base_logits = logits.narrow(axis, 0, 1)
+        u = torch.rand(base_logits.shape, dtype=logits.dtype, device=logits.device)
+        z1, z2 = bernoulli_pair(u, logits)
+        value = torch.where(flips > k, z2.narrow(axis, 0, 1), z2)
+        msg["value"] = torch.where(flips == k, z1, value)
+        self.arm_sites[name] = ARMSample(u, base_logits, None, None, fn.event_dim)

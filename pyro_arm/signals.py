@@ -56,15 +56,29 @@ def signal_frames(guide_trace: Trace, name: str) -> frozenset[CondIndepStackFram
     return frozenset(frames)
 
 
-def local_signal(
-    costs: MultiFrameTensor, frames: frozenset[CondIndepStackFrame], event_dim: int
-) -> Union[torch.Tensor, float]:
+def append_event_dims(signal: Union[torch.Tensor, float], event_dim: int):
     """
-    The costs summed down to ``frames``, with ``event_dim`` trailing singleton dims appended so
-    the signal lines up with a sample of the site (right-aligned broadcasting alone would
-    misalign when a plate size equals an event size).
+    Appends ``event_dim`` trailing singleton dims to a signal over batch dims, so it lines up
+    with a sample of the site (right-aligned broadcasting alone would misalign when a plate
+    size equals an event size).
     """
-    signal = costs.sum_to(frames)
     if not torch.is_tensor(signal):
         return signal
     return signal.reshape(signal.shape + (1,) * event_dim)
+
+
+def select_branch(value: Union[torch.Tensor, float], index: int, nesting: int):
+    """
+    Index ``index`` of the branch plate, the leftmost of ``nesting`` batch dims, of a tensor
+    over batch dims; a tensor without that dim is the same for every branch.
+    """
+    if torch.is_tensor(value) and value.dim() >= nesting:
+        return value.select(value.dim() - nesting, index)
+    return value
+
+
+def local_signal(
+    costs: MultiFrameTensor, frames: frozenset[CondIndepStackFrame], event_dim: int
+) -> Union[torch.Tensor, float]:
+    """The costs summed down to ``frames``, with ``event_dim`` trailing singleton dims."""
+    return append_event_dims(costs.sum_to(frames), event_dim)

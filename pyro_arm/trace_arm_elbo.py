@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Optional
 
 import pyro
 import pyro.poutine as poutine
@@ -14,21 +14,115 @@ from pyro.poutine import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, warn_if_nan
 
-from pyro_arm.estimators import get_estimator
-from pyro_arm.messengers import BaseSampleMessenger, BranchMessenger
-from pyro_arm.signals import cost_terms, local_signal, signal_frames
+from pyro_arm.estimators import Estimator, get_estimator
+from pyro_arm.messengers import BaseSampleMessenger, BatchedBranchMessenger, BranchMessenger
+from pyro_arm.signals import (
+    append_event_dims,
+    cost_terms,
+    local_signal,
+    select_branch,
+    signal_frames,
+)
+from pyro_arm.sites import is_arm_site
 
 _BRANCH_PLATE = "_arm_branches"
 
 
-class _BaseRun(NamedTuple):
-    """One base run of (possibly particle-vectorized) model and guide."""
+class _Run:
+    """
+    One run of model and guide (all particles when vectorized) and its surrogate ELBO.
 
-    model: Callable
-    guide: Callable
+    Subclasses say where the base run lies in the traces and how the antithetic branches'
+    signals are obtained.
+    """
+
     model_trace: Trace
     guide_trace: Trace
-    sampler: BaseSampleMessenger
+    arm_sites: dict
+
+    def base(self, value):
+        """The base run's part of a tensor over batch dims."""
+        return value
+
+    def elbo(self) -> torch.Tensor:
+        elbo = 0.0
+        for sign, trace in ((1.0, self.model_trace), (-1.0, self.guide_trace)):
+            for site in trace.nodes.values():
+                if site["type"] == "sample":
+                    elbo = elbo + sign * self.base(site["log_prob"]).sum()
+        return torch.as_tensor(elbo)
+
+    def branch_signals(self, costs: MultiFrameTensor, frames: dict, args, kwargs) -> dict:
+        """The signal of each ARM site in the branch that flips it, event dims appended."""
+        raise NotImplementedError
+
+    def surrogate_elbo(self, estimator: Estimator, args, kwargs):
+        """A surrogate whose gradient is the gradient estimate of this run's ELBO."""
+        costs = cost_terms(self.model_trace, self.guide_trace)
+        surrogate = 0.0
+        for site in self.model_trace.nodes.values():
+            if site["type"] == "sample":
+                surrogate = surrogate + self.base(site["log_prob"]).sum()
+        for name, site in self.guide_trace.nodes.items():
+            if site["type"] != "sample" or name in self.arm_sites:
+                continue
+            _, score_function, entropy_term = site["score_parts"]
+            if not is_identically_zero(entropy_term):
+                surrogate = surrogate - self.base(entropy_term).sum()
+            if not is_identically_zero(score_function):
+                signal = self.base(costs.sum_to(signal_frames(self.guide_trace, name)))
+                surrogate = surrogate + (self.base(score_function) * signal).sum()
+        if not self.arm_sites:
+            return surrogate
+        frames = {name: signal_frames(self.guide_trace, name) for name in self.arm_sites}
+        branch_signals = {}
+        if estimator.antithetic:
+            branch_signals = self.branch_signals(costs, frames, args, kwargs)
+        for name, arm in self.arm_sites.items():
+            base_signal = append_event_dims(self.base(costs.sum_to(frames[name])), arm.event_dim)
+            grad = estimator.logits_grad(branch_signals.get(name), base_signal, arm.u, arm.logits)
+            surrogate = surrogate + (grad.detach() * arm.logits).sum()
+        return surrogate
+
+
+class _SequentialRun(_Run):
+    """A base run; each antithetic branch is one more run of model and guide."""
+
+    def __init__(self, model, guide, model_trace, guide_trace, sampler: BaseSampleMessenger):
+        self.model, self.guide = model, guide
+        self.model_trace, self.guide_trace = model_trace, guide_trace
+        self.sampler = sampler
+        self.arm_sites = sampler.arm_sites
+
+    def branch_signals(self, costs, frames, args, kwargs) -> dict:
+        signals = {}
+        for name, arm in self.arm_sites.items():
+            flip = BranchMessenger(self.sampler, name)
+            branch_costs = _run_costs(self.model, flip(self.guide), args, kwargs)
+            signals[name] = local_signal(branch_costs, frames[name], arm.event_dim)
+        return signals
+
+
+class _BatchedRun(_Run):
+    """
+    The base run and every antithetic branch in one pass, along the leftmost of ``nesting``
+    batch dims: index 0 is the base run, index ``k + 1`` the branch of the ``k``-th ARM site.
+    """
+
+    def __init__(self, model_trace, guide_trace, sampler: BatchedBranchMessenger, nesting: int):
+        self.model_trace, self.guide_trace = model_trace, guide_trace
+        self.arm_sites = sampler.arm_sites
+        self.nesting = nesting
+
+    def base(self, value):
+        return select_branch(value, 0, self.nesting)
+
+    def branch_signals(self, costs, frames, args, kwargs) -> dict:
+        signals = {}
+        for index, (name, arm) in enumerate(self.arm_sites.items()):
+            signal = select_branch(costs.sum_to(frames[name]), index + 1, self.nesting)
+            signals[name] = append_event_dims(signal, arm.event_dim)
+        return signals
 
 
 class TraceARM_ELBO(ELBO):
@@ -100,6 +194,7 @@ class TraceARM_ELBO(ELBO):
         **kwargs: Any,
     ) -> None:
         self.estimator = get_estimator(estimator)
+        self._arm_site_count = None
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -107,15 +202,76 @@ class TraceARM_ELBO(ELBO):
             **kwargs,
         )
 
-    def _get_trace(self, model, guide, args, kwargs) -> _BaseRun:
+    def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
+        # Draws no random numbers from the caller's stream, so the first call of `loss`,
+        # `loss_and_grads` or `differentiable_loss` reports what a later one would.
+        with _fork_rng():
+            super()._guess_max_plate_nesting(model, guide, args, kwargs)
+
+    def _get_traces(self, model, guide, args, kwargs):
+        if not self.vectorize_particles:
+            for _ in range(self.num_particles):
+                yield self._get_trace(model, guide, args, kwargs)
+            return
+        if self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        num_arm_sites = self._count_arm_sites(guide, args, kwargs)
+        yield self._get_batched_trace(
+            self._vectorized_num_particles(model),
+            self._vectorized_num_particles(guide),
+            num_arm_sites,
+            args,
+            kwargs,
+        )
+
+    def _get_trace(self, model, guide, args, kwargs) -> _SequentialRun:
         sampler = BaseSampleMessenger()
-        with self._batched_pass_errors(sampler.order, "the batched pass of particles"):
+        model_trace, guide_trace = get_importance_trace(
+            "flat", self.max_plate_nesting, model, sampler(guide), args, kwargs
+        )
+        if is_validation_enabled():
+            check_if_enumerated(guide_trace)
+        return _SequentialRun(model, guide, model_trace, guide_trace, sampler)
+
+    def _count_arm_sites(self, guide, args, kwargs) -> Optional[int]:
+        """
+        The number of ARM sites of ``guide``, counted once, as the batched pass needs it
+        before it starts; ``None`` for an estimator without antithetic branches.
+        """
+        if not self.estimator.antithetic:
+            return None
+        key = (getattr(guide, "__func__", guide), getattr(guide, "__self__", None))
+        cached = self._arm_site_count
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] is not key[1]:
+            with _fork_rng(), torch.no_grad(), poutine.block():
+                trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            count = sum(is_arm_site(site) for site in trace.nodes.values())
+            self._arm_site_count = cached = (key, count)
+        return cached[1]
+
+    def _get_batched_trace(self, model, guide, num_arm_sites, args, kwargs) -> _BatchedRun:
+        branch_dim = -self.max_plate_nesting - 1
+        branches = pyro.plate(_BRANCH_PLATE, (num_arm_sites or 0) + 1, dim=branch_dim)
+        sampler = BatchedBranchMessenger(num_arm_sites, branch_dim)
+        with _BatchedPassErrors(sampler.order):
             model_trace, guide_trace = get_importance_trace(
-                "flat", self.max_plate_nesting, model, sampler(guide), args, kwargs
+                "flat",
+                self.max_plate_nesting + 1,
+                branches(model),
+                sampler(branches(guide)),
+                args,
+                kwargs,
+            )
+        if num_arm_sites is not None and len(sampler.arm_sites) != num_arm_sites:
+            raise NotImplementedError(
+                f"The guide sampled {len(sampler.arm_sites)} ARM sites "
+                f"({', '.join(sampler.arm_sites) or 'none'}) where {num_arm_sites} were counted "
+                "before: its structure depends on sampled values, which a vectorized pass "
+                "cannot follow; use vectorize_particles=False"
             )
         if is_validation_enabled():
             check_if_enumerated(guide_trace)
-        return _BaseRun(model, guide, model_trace, guide_trace, sampler)
+        return _BatchedRun(model_trace, guide_trace, sampler, -branch_dim)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """
@@ -124,7 +280,7 @@ class TraceARM_ELBO(ELBO):
         :rtype: float
         """
         with torch.no_grad():
-            elbo = sum(_elbo(run) for run in self._get_traces(model, guide, args, kwargs))
+            elbo = sum(run.elbo() for run in self._get_traces(model, guide, args, kwargs))
         loss = -torch_item(elbo) / self.num_particles
         warn_if_nan(loss, "loss")
         return loss
@@ -159,8 +315,8 @@ class TraceARM_ELBO(ELBO):
         runs = list(self._get_traces(model, guide, args, kwargs))
         elbo = surrogate_elbo = 0.0
         for run in runs:
-            elbo = elbo + _elbo(run).detach()
-            surrogate_elbo = surrogate_elbo + self._surrogate_elbo(run, args, kwargs)
+            elbo = elbo + run.elbo().detach()
+            surrogate_elbo = surrogate_elbo + run.surrogate_elbo(self.estimator, args, kwargs)
         trainable = any(
             site["type"] == "param"
             for run in runs
@@ -171,106 +327,37 @@ class TraceARM_ELBO(ELBO):
         surrogate_loss = -torch.as_tensor(surrogate_elbo) / self.num_particles
         return loss, surrogate_loss, trainable
 
-    def _surrogate_elbo(self, run: _BaseRun, args, kwargs) -> Union[torch.Tensor, float]:
-        """A surrogate of one run whose gradient is the gradient estimate of its ELBO."""
-        costs = cost_terms(run.model_trace, run.guide_trace)
-        surrogate = 0.0
-        for site in run.model_trace.nodes.values():
-            if site["type"] == "sample":
-                surrogate = surrogate + site["log_prob_sum"]
-        for name, site in run.guide_trace.nodes.items():
-            if site["type"] != "sample" or name in run.sampler.arm_sites:
-                continue
-            _, score_function, entropy_term = site["score_parts"]
-            if not is_identically_zero(entropy_term):
-                surrogate = surrogate - entropy_term.sum()
-            if not is_identically_zero(score_function):
-                signal = costs.sum_to(signal_frames(run.guide_trace, name))
-                surrogate = surrogate + (score_function * signal).sum()
-        return surrogate + self._arm_surrogate(run, costs, args, kwargs)
-
-    def _arm_surrogate(self, run: _BaseRun, costs: MultiFrameTensor, args, kwargs):
-        arm_sites = run.sampler.arm_sites
-        if not arm_sites:
-            return 0.0
-        frames = {name: signal_frames(run.guide_trace, name) for name in arm_sites}
-        if self.estimator.antithetic:
-            branch_signals = self._branch_signals(run, frames, args, kwargs)
-        else:
-            branch_signals = dict.fromkeys(arm_sites)
-        surrogate = 0.0
-        for name, arm in arm_sites.items():
-            base_signal = local_signal(costs, frames[name], arm.event_dim)
-            grad = self.estimator.logits_grad(branch_signals[name], base_signal, arm.u, arm.logits)
-            surrogate = surrogate + (grad.detach() * arm.logits).sum()
-        return surrogate
-
-    def _branch_signals(self, run: _BaseRun, frames, args, kwargs) -> dict:
-        """The signal of each ARM site in the branch that flips it."""
-        names = list(run.sampler.arm_sites)
-        if not self.vectorize_particles:
-            signals = {}
-            for name in names:
-                flip = BranchMessenger(run.sampler, [name], branch_dim=None)
-                costs = _run_costs(run.model, flip(run.guide), args, kwargs)
-                signals[name] = local_signal(
-                    costs, frames[name], run.sampler.arm_sites[name].event_dim
-                )
-            return signals
-
-        branch_dim = -self.max_plate_nesting - 1
-        branches = pyro.plate(_BRANCH_PLATE, len(names), dim=branch_dim)
-        flips = BranchMessenger(run.sampler, names, branch_dim)
-        with self._batched_pass_errors(flips.seen, "the batched pass of antithetic branches"):
-            costs = _run_costs(branches(run.model), flips(branches(run.guide)), args, kwargs)
-        missing = [name for name in run.sampler.order if name not in flips.seen]
-        if missing:
-            raise NotImplementedError(
-                f"Site '{missing[0]}' of the base run did not appear in an antithetic branch: "
-                "the guide's structure depends on sampled values, which a vectorized pass "
-                "cannot follow; use vectorize_particles=False"
-            )
-        branch_frame = next(f for key in costs for f in key if f.name == _BRANCH_PLATE)
-        signals = {}
-        for index, name in enumerate(names):
-            signal = costs.sum_to(frames[name] | {branch_frame})
-            if torch.is_tensor(signal) and signal.dim() == -branch_dim:
-                signal = signal[index]
-            event_dim = run.sampler.arm_sites[name].event_dim
-            signals[name] = signal.reshape(signal.shape + (1,) * event_dim)
-        return signals
-
-    def _batched_pass_errors(self, seen: list, what: str):
-        return _BatchedPassErrors(seen, what, self.vectorize_particles)
-
 
 class _BatchedPassErrors:
-    """Turns a RuntimeError raised by user code inside a batched pass into a clear error."""
+    """Turns a RuntimeError that user code raises inside a batched pass into a clear error."""
 
-    def __init__(self, seen: list, what: str, active: bool) -> None:
-        self.seen, self.what, self.active = seen, what, active
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if self.active and exc_type is RuntimeError:
+        if exc_type is RuntimeError:
             where = f"after site '{self.seen[-1]}'" if self.seen else "before the first site"
             raise NotImplementedError(
-                f"Model or guide failed {where} in {self.what}: {exc}. Code that converts a "
-                "sampled value to a Python number or branches on it (.item(), `if z:`) cannot "
-                "run vectorized; use vectorize_particles=False"
+                f"Model or guide failed {where} in the batched pass of particles and antithetic "
+                f"branches: {exc}. Code that converts a sampled value to a Python number or "
+                "branches on it (.item(), `if z:`) cannot run vectorized; "
+                "use vectorize_particles=False"
             ) from exc
         return False
 
 
-def _elbo(run: _BaseRun) -> torch.Tensor:
-    return run.model_trace.log_prob_sum() - run.guide_trace.log_prob_sum()
+def _fork_rng():
+    """Forks the random number generators of the CPU and of any initialised CUDA device."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def _run_costs(model, guide, args, kwargs) -> MultiFrameTensor:
-    """Runs guide and model once without gradient and returns the cost terms."""
-    with torch.no_grad():
+    """Runs guide and model once, without gradient or validation, and returns the costs."""
+    with torch.no_grad(), pyro.validation_enabled(False):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
