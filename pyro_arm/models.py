@@ -139,7 +139,7 @@ class SigmoidBeliefNet(PyroModule):
         with torch.no_grad():
             layer.bias.copy_(torch.logit(x_mean.clamp(1e-3, 1 - 1e-3)))
 
-    def _apply(self, layers: nn.ModuleList, h: Tensor) -> Tensor:
+    def _run_map(self, layers: nn.ModuleList, h: Tensor) -> Tensor:
         # Each map: Linear (LeakyReLU Linear)*; nn.Linear broadcasts over leading dims.
         for i, layer in enumerate(layers):
             if i > 0:
@@ -149,11 +149,11 @@ class SigmoidBeliefNet(PyroModule):
 
     def encode(self, level: int, h: Tensor) -> Tensor:
         """Logits of ``z_{level+1}`` given ``h`` (``x`` for level 0, else ``z_level``)."""
-        return self._apply(self.encoders[level], h)
+        return self._run_map(self.encoders[level], h)
 
     def decode(self, level: int, z: Tensor) -> Tensor:
         """Logits of the layer below ``z_{level+1}`` (``x`` for level 0) given it."""
-        return self._apply(self.decoders[level], z)
+        return self._run_map(self.decoders[level], z)
 
     @pyro_method
     def model(self, x: Tensor) -> Tensor:
