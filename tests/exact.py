@@ -239,7 +239,7 @@ class UnbiasedReport(NamedTuple):
         return "\n".join(rows)
 
 
-def bonferroni_z(num_components: int, alpha: float = 1e-3, minimum: float = 4.0) -> float:
+def bonferroni_z(num_components: int, alpha: float = 1e-3, minimum: float = 4.5) -> float:
     """The two-sided normal quantile for a family-wise error ``alpha`` over the components."""
     return max(minimum, NormalDist().inv_cdf(1 - alpha / (2 * num_components)))
 
@@ -311,7 +311,7 @@ def assert_unbiased(
     Draws ``num_samples`` particles' worth of independent estimates (``num_samples //
     elbo.num_particles`` calls), and requires ``|mean - exact| <= z * SE + atol + rtol * |exact|``
     for the loss and every component of every param's gradient. ``z`` defaults to a
-    Bonferroni-corrected normal quantile (at least 4). Raises :class:`AssertionError` with a
+    Bonferroni-corrected normal quantile (at least 4.5). Raises :class:`AssertionError` with a
     table otherwise. Params must already be in the param store (or be created by the model and
     guide with fixed initial values).
     """
