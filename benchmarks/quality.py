@@ -54,7 +54,8 @@ def parse_args(argv=None):
     if args.rounds is not None:
         args.steps = args.rounds
     if args.quick:
-        args.seeds, args.eval_max, args.eval_samples = args.seeds[:2], 500, 2
+        args.seeds, args.eval_samples = args.seeds[:2], 2
+        args.eval_max = args.eval_max or 500
     return args
 
 

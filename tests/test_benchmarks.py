@@ -123,3 +123,68 @@ def run_script(name, *args, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
+
+
+def test_plain_view_of_pyro_sbn_computes_the_same_elbo():
+    """The plain view shares the Pyro SBN's parameters and gives the same log-densities."""
+    import pyro.poutine as poutine
+    from common import plain_from_pyro
+
+    from pyro_arm.models import build_sbn
+
+    sbn = build_sbn("nonlinear-6-4", x_mean=torch.full((784,), 0.2))
+    x = (torch.rand(7, 784) < 0.2).float()
+    guide_tr = poutine.trace(sbn.guide).get_trace(x)
+    model_tr = poutine.trace(poutine.replay(sbn.model, trace=guide_tr)).get_trace(x)
+    for tr in (guide_tr, model_tr):
+        tr.compute_log_prob()
+    pyro_f = sum(s["log_prob"] for s in model_tr.nodes.values() if s["type"] == "sample")
+    pyro_f = pyro_f - sum(s["log_prob"] for s in guide_tr.nodes.values() if s["type"] == "sample")
+    plain = plain_from_pyro(sbn)
+    zs = [guide_tr.nodes[f"z{k + 1}"]["value"] for k in range(2)]
+    logits, h = [], x
+    for enc, z in zip(plain.encoders, zs):
+        logits.append(enc(h))
+        h = z
+    plain_f = plain.log_joint(x, zs) - plain.log_q(zs, logits)
+    assert torch.allclose(pyro_f, plain_f, atol=1e-3)
+    assert {id(p) for p in plain.parameters()} == {id(p) for p in sbn.parameters()}
+
+
+def test_step_time_smoke(tmp_path):
+    out, record = run_script(
+        "step_time",
+        "--rounds", "2", "--quick", "--models", "linear", "two_layer",
+        "--contenders", "trace_elbo", "tracegraph_elbo", "arm_seq", "arm_vec", "plain_arm",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert "| linear | 50 | arm_vec |" in out
+    ratios = record["ratios"]
+    for group in ("linear/b50", "two_layer/b50"):
+        for key in ("arm_vectorized/trace_elbo", "arm_vectorized/plain_torch_arm",
+                    "arm_sequential/trace_elbo"):  # fmt: skip
+            assert ratios[group][key] > 0
+    assert ratios["two_layer/linear/b50/arm_vec"] > 0
+
+
+def test_variance_smoke(tmp_path):
+    out, record = run_script(
+        "variance",
+        "--quick", "--draws", "3", "--train-steps", "3",
+        "--contenders", "trace_elbo", "disarm_seq", "arm_vec", "plain_arm",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert "## linear, trained" in out
+    for state in ("linear/init", "linear/trained"):
+        assert set(record["trace_cov"][state]) == {"trace_elbo", "disarm_seq", "arm_vec",
+                                                   "plain_arm"}  # fmt: skip
+        assert all(v > 0 for v in record["var_x_ms"][state].values())
+
+
+def test_quality_smoke(tmp_path):
+    out, record = run_script(
+        "quality", "--quick", "--steps", "5", "--eval-max", "50", tmp_path=tmp_path
+    )
+    assert "paired difference" in out
+    assert len(record["difference"]["pairs"]) == 2
+    assert set(record["summary"]) == {"arm_vec", "plain_arm"}
