@@ -100,7 +100,7 @@ class TrainConfig:
 
     model: str = "linear"
     estimator: str = "arm"
-    steps: int = 2000
+    steps: int = 5000
     batch_size: int = 50
     lr: float = 3e-4
     binarization: str = "threshold"
@@ -109,10 +109,10 @@ class TrainConfig:
     device: str = "auto"
     num_particles: int = 1
     vectorize: bool = False
-    eval_every: int = 500
+    eval_every: int = 1000
     eval_k: int = 1000
     test_size: Optional[int] = None
-    checkpoint_every: int = 500
+    checkpoint_every: int = 1000
     run_dir: Optional[str] = None
 
     def resolved_run_dir(self) -> Path:
@@ -271,14 +271,16 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def _check_resume(saved: dict, config: TrainConfig, explicit: set[str]) -> TrainConfig:
-    """The config to resume with: saved trajectory fields, new values of the others."""
+    """The config to resume with: the saved one, with the explicit non-trajectory options."""
     for name in TRAJECTORY_FIELDS:
         if name in explicit and saved.get(name) != getattr(config, name):
             raise ConfigError(
                 f"--resume: the run was started with {name}={saved.get(name)!r}, not "
                 f"{getattr(config, name)!r}; drop that option or pick another --run-dir"
             )
-    merged = {**asdict(config), **{k: saved[k] for k in TRAJECTORY_FIELDS if k in saved}}
+    fields = set(asdict(config))
+    merged = {k: v for k, v in saved.items() if k in fields}
+    merged.update({k: getattr(config, k) for k in explicit if k in fields})
     return TrainConfig(**merged)
 
 
@@ -302,11 +304,11 @@ def train(
     Trains (or resumes) one run and evaluates it on the test set.
 
     :param config: the run's configuration.
-    :param resume: continue from ``<run_dir>/checkpoint.pt``; the trajectory options
-        (:data:`TRAJECTORY_FIELDS`) are taken from the saved run (given explicitly and different,
-        they raise :class:`ConfigError`); ``steps`` and the evaluation options may change.
-    :param explicit: names of the fields the user set explicitly (for the check above; default:
-        all of them).
+    :param resume: continue from ``<run_dir>/checkpoint.pt``. Options not in ``explicit`` are
+        taken from the saved run; explicit trajectory options (:data:`TRAJECTORY_FIELDS`) must
+        equal the saved ones (else :class:`ConfigError`), the others (``steps``, evaluation,
+        checkpointing, device) may change.
+    :param explicit: names of the fields the user set explicitly (default: all of them).
     :param progress: show a tqdm progress bar (on stderr).
     :param log: where the one-line messages go.
     :param callback: ``callback(step, loss)`` after every step (``step`` counts finished steps).
