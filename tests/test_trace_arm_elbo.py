@@ -497,3 +497,28 @@ def test_exact_reference_structure():
     assert abs(sum(leaf.log_weight.exp() for leaf in ls).item() - 1.0) < 1e-12
     loss, grads = exact_loss_and_grads(model, guide, *args)
     assert all(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_checker_detects_branch_subsample_not_reused(monkeypatch):
+    """
+    White-box power check of the subsampled case: a sequential branch that draws a fresh random
+    subsample (instead of reusing the base run's) is caught by the same test configuration.
+    """
+    messengers = pytest.importorskip("pyro_arm.messengers")
+    branch = getattr(messengers, "BranchMessenger", None)
+    if branch is None:
+        pytest.skip("no sequential BranchMessenger to break")
+    from pyro.poutine.subsample_messenger import _Subsample
+
+    original = branch._pyro_sample
+
+    def fresh_subsample(self, msg):
+        if isinstance(msg["fn"], _Subsample):
+            return  # let Pyro draw a new subsample
+        original(self, msg)
+
+    monkeypatch.setattr(branch, "_pyro_sample", fresh_subsample)
+    model, guide, args = subsampled()
+    elbo = TraceARM_ELBO(num_particles=1, estimator="disarm")
+    with pytest.raises(AssertionError, match="biased components"):
+        assert_unbiased(elbo, model, guide, args, num_samples=300, seed=0)
