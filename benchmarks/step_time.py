@@ -20,6 +20,7 @@ import itertools
 import statistics
 
 import common
+import pyro
 import torch
 
 KEY_RATIOS = {  # name in the JSON -> (numerator, denominator), same (model, batch)
@@ -44,6 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--contenders", nargs="+", default=None, help="default: all available")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 2)")
+    p.add_argument(
+        "--no-validation",
+        action="store_true",
+        help="pyro.enable_validation(False) (Pyro validates by default: support checks cost)",
+    )
     p.add_argument("--data", default="embedded", help="MNIST source for pyro_arm.data.load_mnist")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 50, 1 warmup, 1 step")
     p.add_argument("--json-out", default=None)
@@ -76,6 +82,7 @@ def plain_reference(name: str) -> str:
 def main(argv=None):
     args = parse_args(argv)
     common.set_threads(args.threads, args.device)
+    pyro.enable_validation(not args.no_validation)
     data = common.load_data(args.data)
     x_mean = data.train.mean(0)
     names = args.contenders or common.available_contenders()
@@ -134,6 +141,7 @@ def main(argv=None):
         device=args.device,
         rounds=args.rounds,
         steps_per_round=args.steps,
+        validation=not args.no_validation,
         env=common.environment(),
     )
     common.emit_json(record, args.json_out)

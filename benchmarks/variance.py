@@ -23,6 +23,7 @@ import statistics
 import time
 
 import common
+import pyro
 import torch
 
 
@@ -37,6 +38,11 @@ def parse_args(argv=None):
     p.add_argument("--contenders", nargs="+", default=None, help="default: all available")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default 2)")
+    p.add_argument(
+        "--no-validation",
+        action="store_true",
+        help="pyro.enable_validation(False) (Pyro validates by default: support checks cost)",
+    )
     p.add_argument("--data", default="embedded")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: linear only, 20 train steps")
@@ -117,6 +123,7 @@ def train(model_name, x_mean, data, steps, lr, seed, device):
 def main(argv=None):
     args = parse_args(argv)
     common.set_threads(args.threads, args.device)
+    pyro.enable_validation(not args.no_validation)
     sync = common.device_sync(args.device)
     data = common.load_data(args.data)
     x_mean = data.train.mean(0)
@@ -165,6 +172,7 @@ def main(argv=None):
         draws=args.draws,
         train_steps=args.train_steps,
         device=args.device,
+        validation=not args.no_validation,
         env=common.environment(),
     )
     common.emit_json(record, args.json_out)
