@@ -203,6 +203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "same command plus --resume",
             130,
         )
+    except KeyboardInterrupt:
+        return _error("interrupted", 130)
     return 0
 
 

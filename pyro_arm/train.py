@@ -403,9 +403,12 @@ def train(
         file=sys.stderr,
     )
     saved_step = step
+    say = bar.write if progress else log
+    consistent = True  # False while a step and its metrics row are half done
     try:
         while step < config.steps:
             x = stream.batch(step)
+            consistent = False
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss = elbo.loss_and_grads(sbn.model, sbn.guide, x) / x.shape[0]
@@ -434,10 +437,11 @@ def train(
                 }
                 _append_metrics(metrics_path, row)
                 interval_sum, interval_count = 0.0, 0
-                bar.write(
+                say(
                     f"step {step}: train -ELBO {row['train_loss']:.2f}, "
                     f"valid -ELBO {valid:.2f} nats"
                 )
+            consistent = True
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save_checkpoint()
                 saved_step = step
@@ -445,6 +449,8 @@ def train(
                 callback(step, loss)
     except KeyboardInterrupt:
         bar.close()
+        if not consistent:  # keep the last checkpoint; the half-done step is redone on resume
+            raise TrainingInterrupted(saved_step, run_dir) from None
         if step != saved_step:
             save_checkpoint()
         raise TrainingInterrupted(step, run_dir) from None

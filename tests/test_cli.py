@@ -233,3 +233,35 @@ def test_subprocess_entry_points(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.startswith("pyro-arm: error: unknown model 'nope'")
     assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_interrupt_during_validation_falls_back_to_the_last_checkpoint(
+    tmp_path, capsys, monkeypatch
+):
+    common = dict(steps=6, eval_every=2, checkpoint_every=3, eval_k=2, test_size=4, device="cpu")
+    straight = tmp_path / "straight"
+    train(TrainConfig(run_dir=str(straight), **common), progress=False, log=lambda _: None)
+
+    import pyro_arm.train as train_module
+
+    real = train_module._evaluate_valid
+
+    def flaky(sbn, x, seed, step, device):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real(sbn, x, seed, step, device)
+
+    monkeypatch.setattr(train_module, "_evaluate_valid", flaky)
+    cut = tmp_path / "cut"
+    with pytest.raises(TrainingInterrupted) as info:
+        train(TrainConfig(run_dir=str(cut), **common), progress=False, log=lambda _: None)
+    assert info.value.step == 3 and load_checkpoint(cut / "checkpoint.pt")["step"] == 3
+    monkeypatch.setattr(train_module, "_evaluate_valid", real)
+    status, _, err = run_main(capsys, "--resume", "--run-dir", str(cut), "--no-progress")
+    assert status == 0, err
+    keys = ("step", "epoch", "train_loss", "valid_neg_elbo")  # not the wall time
+    assert [[r[k] for k in keys] for r in metrics(cut)] == [
+        [r[k] for k in keys] for r in metrics(straight)
+    ]
+    pa, pb = params(straight), params(cut)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
