@@ -279,7 +279,7 @@ def draw_estimates(
             loss = loss_t.item()
         else:
             raise ValueError(method)
-        row = [torch.tensor([float(loss)], dtype=torch.float64)]
+        row = [torch.tensor([float(loss)], dtype=torch.float64, device="cpu")]
         for n, g in zip(names, grads):
             g = torch.zeros_like(params[n]) if g is None else g
             row.append(g.detach().reshape(-1).to("cpu", torch.float64))
@@ -319,7 +319,7 @@ def assert_unbiased(
     exact_loss, exact_grads = exact_loss_and_grads(model, guide, *args, **kwargs)
     names = list(exact_grads)
     exact = torch.cat(
-        [torch.tensor([exact_loss], dtype=torch.float64)]
+        [torch.tensor([exact_loss], dtype=torch.float64, device="cpu")]
         + [exact_grads[n].reshape(-1).to("cpu", torch.float64) for n in names]
     )
     num_calls = max(num_samples // elbo.num_particles, 1)

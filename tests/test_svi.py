@@ -17,12 +17,14 @@ X_DIM, Z_DIM, N = 8, 3, 16
 
 def synthetic_data(dtype=None):
     """Binary data from two noisy prototypes."""
-    gen = torch.Generator().manual_seed(123)
-    protos = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 0, 1]], dtype=torch.float)
-    which = torch.arange(N) % 2
-    flips = torch.rand(N, X_DIM, generator=gen) < 0.1
+    gen = torch.Generator().manual_seed(123)  # built on the CPU, then moved to the default device
+    protos = torch.tensor(
+        [[1, 1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 0, 1]], dtype=torch.float, device="cpu"
+    )
+    which = torch.arange(N, device="cpu") % 2
+    flips = torch.rand(N, X_DIM, generator=gen, device="cpu") < 0.1
     data = (protos[which] + flips.float()) % 2
-    return data.to(dtype or torch.get_default_dtype())
+    return data.to(dtype=dtype or torch.get_default_dtype(), device=torch.get_default_device())
 
 
 def sbn():
