@@ -224,11 +224,16 @@ def interleaved_times(
     warmup: int = 1,
     sync: Callable[[], None] = lambda: None,
     seed: int = 0,
+    clock: str = "wall",
 ) -> dict[str, list[float]]:
     """
     Seconds per call of every function, interleaved: each round calls every function once, in a
     fresh random order, so that load on a shared machine hits all contenders alike.
+
+    ``clock="cpu"`` counts this process's CPU time (all threads) instead of wall time: less
+    sensitive to other processes competing for the cores, meaningless on a GPU.
     """
+    timer = {"wall": time.perf_counter, "cpu": time.process_time}[clock]
     rng = random.Random(seed)
     names = list(fns)
     for _ in range(warmup):
@@ -239,10 +244,10 @@ def interleaved_times(
     for _ in range(rounds):
         rng.shuffle(names)
         for n in names:
-            t0 = time.perf_counter()
+            t0 = timer()
             fns[n]()
             sync()
-            times[n].append(time.perf_counter() - t0)
+            times[n].append(timer() - t0)
     return times
 
 
