@@ -94,15 +94,6 @@ class _Map(torch.nn.Module):
         return h
 
 
-def move_to(module: torch.nn.Module, device) -> torch.nn.Module:
-    """``module.to(device)`` that also works where a model overrides ``nn.Module._apply``."""
-    if str(device) == "cpu":
-        return module
-    for p in module.parameters():
-        p.data = p.data.to(device)
-    return module
-
-
 def copy_of_plain(sbn) -> PlainSBN:
     """An independent copy of the parameters of ``sbn`` (Pyro or plain) as a :class:`PlainSBN`."""
     plain = sbn if isinstance(sbn, PlainSBN) else plain_from_pyro(sbn)
@@ -165,7 +156,7 @@ def make_contender(
             if init is not None
             else copy_of_plain(build_pyro_sbn(model_name, x_mean))
         )
-        move_to(plain, device)
+        plain.to(device)
         step = PlainARMStep(plain, torch.optim.Adam(plain.parameters(), lr=lr), estimator)
 
         def grad_only(x):
@@ -177,7 +168,7 @@ def make_contender(
     sbn = build_pyro_sbn(model_name, x_mean)
     if init is not None:
         sbn.load_state_dict(init.state_dict())
-    move_to(sbn, device)
+    sbn.to(device)
     loss = pyro_loss(name)
     # Each contender keeps its own param store contents so that contenders never share
     # parameters (PyroModule and pyro.module sync with the global store by name).
