@@ -253,15 +253,23 @@ class TraceARM_ELBO(ELBO):
         branch_dim = -self.max_plate_nesting - 1
         branches = pyro.plate(_BRANCH_PLATE, (num_arm_sites or 0) + 1, dim=branch_dim)
         sampler = BatchedBranchMessenger(num_arm_sites, branch_dim)
-        with _BatchedPassErrors(sampler.order):
-            model_trace, guide_trace = get_importance_trace(
-                "flat",
-                self.max_plate_nesting + 1,
-                branches(model),
-                sampler(branches(guide)),
-                args,
-                kwargs,
-            )
+        try:
+            with _BatchedPassErrors(sampler.order):
+                model_trace, guide_trace = get_importance_trace(
+                    "flat",
+                    self.max_plate_nesting + 1,
+                    branches(model),
+                    sampler(branches(guide)),
+                    args,
+                    kwargs,
+                )
+        except ValueError:
+            # An invalid model can fail differently once the branch plate is added: raise
+            # the error Pyro's own checks give without it, as Trace_ELBO would.
+            if is_validation_enabled():
+                with _fork_rng(), torch.no_grad():
+                    get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
+            raise
         if num_arm_sites is not None and len(sampler.arm_sites) != num_arm_sites:
             raise NotImplementedError(
                 f"The guide sampled {len(sampler.arm_sites)} ARM sites "
