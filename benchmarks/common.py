@@ -20,8 +20,7 @@ from typing import Callable, Iterable, Sequence
 
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
-from pyro.optim import Adam
+from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_arm import PlainARMStep, PlainSBN, arm_surrogate_loss  # noqa: E402
@@ -145,7 +144,8 @@ def make_contender(
     ``name`` on a fresh SBN ``model_name`` (initialised from ``seed``, or from the parameters of
     the Pyro SBN ``init`` when given).
 
-    Pyro contenders run ``SVI.step``; plain ones :class:`PlainARMStep` with ``torch.optim.Adam``.
+    Every contender steps ``torch.optim.Adam``: Pyro ones after ``loss.loss_and_grads``, plain ones
+    in :class:`PlainARMStep`.
     ``grad_only(x)`` leaves the gradient in ``.grad`` without stepping (for variance).
     """
     torch.manual_seed(seed)
@@ -173,7 +173,10 @@ def make_contender(
     # Each contender keeps its own param store contents so that contenders never share
     # parameters (PyroModule and pyro.module sync with the global store by name).
     store = {"_params": {}, "_constraints": {}, "_param_to_name": {}}
-    svi = SVI(sbn.model, sbn.guide, Adam({"lr": lr}), loss=loss)
+    # The same optimizer as the plain contenders (and as `pyro-arm train`), so that ratios compare
+    # the gradient computations; SVI with pyro.optim adds the same per-parameter overhead to
+    # every Pyro ELBO.
+    optim = torch.optim.Adam(sbn.parameters(), lr=lr)
 
     def run(fn):
         glob = pyro.get_param_store()
@@ -186,8 +189,14 @@ def make_contender(
             for k, v in saved.items():
                 setattr(glob, k, v)
 
+    def train_step(x):
+        optim.zero_grad(set_to_none=True)
+        value = loss.loss_and_grads(sbn.model, sbn.guide, x)
+        optim.step()
+        return value
+
     def step(x):
-        return run(lambda: svi.step(x))
+        return run(lambda: train_step(x))
 
     def grad_only(x):
         def go():

@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-Time per SVI step (forward + backward + Adam step) of TraceARM_ELBO against Pyro's ELBOs and the
-plain-PyTorch ARM step, on sigmoid belief nets fed real binarized MNIST batches.
+Time per training step (ELBO forward + backward + torch.optim.Adam step) of TraceARM_ELBO against
+Pyro's ELBOs and the plain-PyTorch ARM step, on sigmoid belief nets fed real binarized MNIST
+batches.
 
 Every (model, batch size, contender) runs in this one process, interleaved round by round in a
 fresh random order, so that load on a shared machine hits all alike; the script reports the median
@@ -138,7 +139,8 @@ def main(argv=None):
                 )
 
     print(
-        f"## Time per SVI step ({args.clock} clock), median of {args.rounds} interleaved rounds "
+        f"## Time per training step ({args.clock} clock), "
+        f"median of {args.rounds} interleaved rounds "
         f"({args.device})\n"
     )
     print(

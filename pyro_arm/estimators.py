@@ -32,11 +32,13 @@ def bernoulli_pair(u: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
 
     :param u: uniforms in (0, 1), of the sample's shape.
     :param logits: logits broadcastable to ``u``.
-    :returns: ``(z1, z2)`` with ``z1 = 1[u > sigmoid(-logits)]`` (the antithetic twin) and
-        ``z2 = 1[u < sigmoid(logits)]`` (the ordinary sample), in ``logits.dtype``.
+    :returns: ``(z1, z2)`` with ``z1 = 1[u > sigmoid(-logits)]`` (the antithetic twin, computed
+        as ``1[1 - u < sigmoid(logits)]``) and ``z2 = 1[u < sigmoid(logits)]`` (the ordinary
+        sample), in ``logits.dtype``, of the broadcast shape of ``u`` and ``logits``.
     """
-    z1 = (u > torch.sigmoid(-logits)).to(logits.dtype)
-    z2 = (u < torch.sigmoid(logits)).to(logits.dtype)
+    probs = torch.sigmoid(logits)
+    z1 = (1 - u < probs).to(logits.dtype)
+    z2 = (u < probs).to(logits.dtype)
     return z1, z2
 
 

@@ -163,10 +163,10 @@ class BatchedBranchMessenger(Messenger):
                 "cannot follow; use vectorize_particles=False"
             )
         logits = bernoulli_logits(fn)
-        logits = logits.expand(fn.shape()) if logits.shape != fn.shape() else logits
         flips, axis = self._branch_flips(fn, logits.device)
-        base_logits = logits.narrow(axis, 0, 1)
+        base_logits = logits.expand(fn.shape()).narrow(axis, 0, 1)
         u = torch.rand(base_logits.shape, dtype=logits.dtype, device=logits.device)
+        # On the logits' own shape: they often vary along few of the dims (not the branches).
         z1, z2 = bernoulli_pair(u, logits)
         value = torch.where(flips > k, z2.narrow(axis, 0, 1), z2)
         msg["value"] = torch.where(flips == k, z1, value)
