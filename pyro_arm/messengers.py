@@ -9,10 +9,10 @@ base value, sets :math:`t` to :math:`z_1`, and resamples everything after :math:
 sites reuse their base uniforms (common random numbers), so a site that does not depend on
 :math:`z_t` keeps its base value and adds nothing to the difference of the two runs.
 
-- :class:`BaseSampleMessenger` and :class:`BranchMessenger` do this one run at a time, so the
-  structure of model and guide may depend on sampled values.
-- :class:`BatchedBranchMessenger` runs the base run and all branches as one batched pass, the
-  branches indexed by a plate.
+- :class:`BaseSampleMessenger` runs the guide as usual, except that ARM sites take
+  :math:`z_2` from uniforms it draws and keeps;
+- :class:`BranchMessenger` replays that base run with one ARM site flipped, or with one flipped
+  site per index of a plate over branches, so that all branches run as one batched pass.
 
 Each handler must wrap the guide outside every plate, so that the plates have broadcast a
 site's distribution before the handler reads its shape.
@@ -74,100 +74,78 @@ class BaseSampleMessenger(Messenger):
 
 class BranchMessenger(Messenger):
     """
-    Replays a base run with ARM site ``flip`` set to its antithetic twin.
+    Replays a base run with ARM sites flipped to their antithetic twins, one per branch.
 
-    Sites before ``flip`` keep their base values, and so do the plates' subsamples; sites
-    after it are resampled, ARM sites from their base uniforms. A site the base run did not
-    have (the structure may depend on the flipped value) is sampled afresh.
+    Sites before a branch's flipped site keep their base values, and so do the plates'
+    subsamples; sites after it are resampled, ARM sites from their base uniforms.
+
+    :param base: the handler of the base run.
+    :param flips: names of the flipped ARM sites, one per branch.
+    :param branch_dim: the dim of the plate over branches when several run in one batched pass,
+        or ``None`` for one branch; then a site the base run did not have (the structure may
+        depend on the flipped value) is sampled afresh, where a batched pass raises
+        :class:`NotImplementedError`.
     """
 
-    def __init__(self, base: BaseSampleMessenger, flip: str) -> None:
+    def __init__(
+        self, base: BaseSampleMessenger, flips: list[str], branch_dim: Optional[int] = None
+    ) -> None:
         super().__init__()
+        if branch_dim is None and len(flips) != 1:
+            raise ValueError("several branches need the dim of a plate over branches")
         self.base = base
         self.position = {name: i for i, name in enumerate(base.order)}
-        self.flip = self.position[flip]
+        self.flips = [self.position[name] for name in flips]
+        self.branch_dim = branch_dim
+        self.seen: list[str] = []
+        self._flips = None  # self.flips as a tensor on the samples' device, made once
 
     def _pyro_sample(self, msg) -> None:
         if msg["is_observed"] or msg["value"] is not None:
             return
         name = msg["name"]
         if is_subsample_site(msg):
-            msg["value"] = self.base.values[name]
+            msg["value"] = self.base.values.get(name)  # None: a plate the guide lacks
             return
         position = self.position.get(name)
-        arm = self.base.arm_sites.get(name)
         if position is None:
-            return
-        if position < self.flip:
+            if self.branch_dim is not None:
+                raise NotImplementedError(
+                    f"Site '{name}' appeared in an antithetic branch but not in the base run: "
+                    "the guide's structure depends on sampled values, which a vectorized pass "
+                    "cannot follow; use vectorize_particles=False"
+                )
+            return  # a new site downstream of the flip: sampled afresh
+        self.seen.append(name)
+        if all(position < flip for flip in self.flips):
             msg["value"] = self.base.values[name]
-        elif arm is None:
             return
-        elif position == self.flip:
-            msg["value"] = arm.z1
-        else:
-            logits = bernoulli_logits(msg["fn"])
-            if logits is not None and msg["fn"].shape() == arm.u.shape:
-                msg["value"] = (arm.u < torch.sigmoid(logits)).to(logits.dtype)
-
-
-class BatchedBranchMessenger(Messenger):
-    """
-    Runs the base run and the antithetic branches of ``num_arm_sites`` ARM sites as one pass.
-
-    The guide must be wrapped in a plate of size ``num_arm_sites + 1`` at ``branch_dim``
-    (inside this handler). Index 0 of that plate is the base run; index ``k + 1`` is the branch
-    of the ``k``-th ARM site in execution order. After the run, :attr:`arm_sites` holds each
-    ARM site's uniforms and its base logits, with a size-1 dim in place of the branch dim.
-
-    :param num_arm_sites: the number of ARM sites the guide samples, or ``None`` to run the
-        base run alone (a plate of size 1) with any number of ARM sites.
-    :param branch_dim: the dim of the branch plate.
-    """
-
-    def __init__(self, num_arm_sites: Optional[int], branch_dim: int) -> None:
-        super().__init__()
-        self.num_arm_sites = num_arm_sites
-        self.branch_dim = branch_dim
-        self.arm_sites: dict[str, ARMSample] = {}
-        self.order: list[str] = []
-        self._flip_index = None
-
-    def _branch_flips(self, fn, device) -> tuple[torch.Tensor, int]:
-        """Which ARM site each branch flips (-1 for the base run), shaped like ``fn``'s samples."""
-        if self._flip_index is None or self._flip_index.device != device:
-            self._flip_index = torch.arange(-1, self.num_arm_sites or 0, device=device)
-        axis = len(fn.batch_shape) + self.branch_dim
-        shape = (-1,) + (1,) * (len(fn.shape()) - axis - 1)
-        return self._flip_index.reshape(shape), axis
-
-    def _pyro_sample(self, msg) -> None:
-        if msg["is_observed"] or msg["value"] is not None or is_subsample_site(msg):
+        arm = self.base.arm_sites.get(name)
+        if self.branch_dim is None:
+            if arm is not None:  # else resampled by Pyro
+                flipped = position == self.flips[0]
+                msg["value"] = arm.z1 if flipped else _common_random_sample(msg["fn"], arm)
             return
         fn = msg["fn"]
-        name = msg["name"]
-        self.order.append(name)
-        k = len(self.arm_sites)
-        if not is_arm_site(msg):
-            # Sampled afresh in the base run and in the branches of ARM sites before it;
-            # held at its base value in the branches of ARM sites after it.
-            value = fn(*msg["args"], **msg["kwargs"])
-            if self.num_arm_sites is not None and k < self.num_arm_sites:
-                flips, axis = self._branch_flips(fn, value.device)
-                value = torch.where(flips >= k, value.narrow(axis, 0, 1), value)
-            msg["value"] = value
-            return
-        if self.num_arm_sites is not None and k >= self.num_arm_sites:
-            raise NotImplementedError(
-                f"ARM site '{name}' was not seen when the guide's Bernoulli sites were counted: "
-                "the guide's structure depends on sampled values, which a vectorized pass "
-                "cannot follow; use vectorize_particles=False"
+        if self._flips is None:
+            device = self.base.values[name].device
+            self._flips = torch.tensor(self.flips, device=device)
+        shape = (-1,) + (1,) * (-self.branch_dim - 1 + fn.event_dim)
+        flips = self._flips.reshape(shape)
+        before = flips > position
+        if arm is None:
+            fresh = fn(*msg["args"], **msg["kwargs"])
+            msg["value"] = torch.where(before, self.base.values[name], fresh)
+        else:
+            after = _common_random_sample(fn, arm)
+            msg["value"] = torch.where(
+                before, arm.z2, torch.where(flips == position, arm.z1, after)
             )
-        logits = bernoulli_logits(fn)
-        flips, axis = self._branch_flips(fn, logits.device)
-        base_logits = logits.expand(fn.shape()).narrow(axis, 0, 1)
-        u = torch.rand(base_logits.shape, dtype=logits.dtype, device=logits.device)
-        # On the logits' own shape: they often vary along few of the dims (not the branches).
-        z1, z2 = bernoulli_pair(u, logits)
-        value = torch.where(flips > k, z2.narrow(axis, 0, 1), z2)
-        msg["value"] = torch.where(flips == k, z1, value)
-        self.arm_sites[name] = ARMSample(u, base_logits, None, None, fn.event_dim)
+
+
+def _common_random_sample(fn, arm: ARMSample) -> torch.Tensor:
+    """A Bernoulli sample of ``fn`` from the base run's uniforms (where the shapes agree)."""
+    logits = bernoulli_logits(fn)
+    if logits is None or torch.broadcast_shapes(arm.u.shape, fn.shape()) != fn.shape():
+        return fn()
+    return bernoulli_pair(arm.u, logits)[1]

@@ -17,7 +17,7 @@ others. This rule assumes the worst of such a later site; it never adds bias, on
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from pyro.infer.util import MultiFrameTensor
@@ -25,16 +25,25 @@ from pyro.poutine import Trace
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 
 
-def cost_terms(model_trace: Trace, guide_trace: Trace) -> MultiFrameTensor:
+def cost_terms(
+    model_trace: Trace, guide_trace: Trace, guide_log_probs: Optional[dict] = None
+) -> MultiFrameTensor:
     """
     The detached cost terms of one run: every model site's ``log_prob`` and every guide site's
     ``-log_prob`` (both scaled and masked), keyed by their plates.
+
+    :param guide_log_probs: scaled, masked log-densities that replace those of some guide sites.
     """
     costs = MultiFrameTensor()
-    for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
-        for site in trace.nodes.values():
-            if site["type"] == "sample":
-                costs.add((site["cond_indep_stack"], sign * site["log_prob"].detach()))
+    for site in model_trace.nodes.values():
+        if site["type"] == "sample":
+            costs.add((site["cond_indep_stack"], site["log_prob"].detach()))
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample":
+            log_prob = site["log_prob"]
+            if guide_log_probs and name in guide_log_probs:
+                log_prob = guide_log_probs[name]
+            costs.add((site["cond_indep_stack"], -log_prob.detach()))
     return costs
 
 

@@ -6,7 +6,7 @@ from typing import Any, Optional
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import is_identically_zero
+from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.elbo import ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_item
@@ -15,7 +15,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, warn_if_nan
 
 from pyro_arm.estimators import Estimator, get_estimator
-from pyro_arm.messengers import BaseSampleMessenger, BatchedBranchMessenger, BranchMessenger
+from pyro_arm.messengers import BaseSampleMessenger, BranchMessenger
 from pyro_arm.signals import (
     append_event_dims,
     cost_terms,
@@ -23,106 +23,100 @@ from pyro_arm.signals import (
     select_branch,
     signal_frames,
 )
-from pyro_arm.sites import is_arm_site
 
 _BRANCH_PLATE = "_arm_branches"
 
 
 class _Run:
     """
-    One run of model and guide (all particles when vectorized) and its surrogate ELBO.
-
-    Subclasses say where the base run lies in the traces and how the antithetic branches'
-    signals are obtained.
+    A base run of model and guide (of all particles, when vectorized) and its ARM samples,
+    which computes its ELBO and a surrogate whose gradient is the gradient estimate.
     """
 
-    model_trace: Trace
-    guide_trace: Trace
-    arm_sites: dict
-
-    def base(self, value):
-        """The base run's part of a tensor over batch dims."""
-        return value
+    def __init__(self, model, guide, model_trace: Trace, guide_trace: Trace, sampler):
+        self.model, self.guide = model, guide
+        self.model_trace, self.guide_trace = model_trace, guide_trace
+        self.sampler: BaseSampleMessenger = sampler
+        self.arm_sites = sampler.arm_sites
 
     def elbo(self) -> torch.Tensor:
-        elbo = 0.0
-        for sign, trace in ((1.0, self.model_trace), (-1.0, self.guide_trace)):
-            for site in trace.nodes.values():
-                if site["type"] == "sample":
-                    elbo = elbo + sign * self.base(site["log_prob"]).sum()
-        return torch.as_tensor(elbo)
+        return self.model_trace.log_prob_sum() - self.guide_trace.log_prob_sum()
 
-    def branch_signals(self, costs: MultiFrameTensor, frames: dict, args, kwargs) -> dict:
-        """The signal of each ARM site in the branch that flips it, event dims appended."""
-        raise NotImplementedError
-
-    def surrogate_elbo(self, estimator: Estimator, args, kwargs):
-        """A surrogate whose gradient is the gradient estimate of this run's ELBO."""
+    def surrogate_elbo(self, estimator: Estimator, branch_dim: Optional[int], args, kwargs):
+        """
+        :param branch_dim: the dim of a plate over branches, to run all branches as one
+            batched pass, or ``None`` to run them one by one.
+        """
         costs = cost_terms(self.model_trace, self.guide_trace)
         surrogate = 0.0
         for site in self.model_trace.nodes.values():
             if site["type"] == "sample":
-                surrogate = surrogate + self.base(site["log_prob"]).sum()
+                surrogate = surrogate + site["log_prob_sum"]
         for name, site in self.guide_trace.nodes.items():
             if site["type"] != "sample" or name in self.arm_sites:
                 continue
             _, score_function, entropy_term = site["score_parts"]
             if not is_identically_zero(entropy_term):
-                surrogate = surrogate - self.base(entropy_term).sum()
+                surrogate = surrogate - entropy_term.sum()
             if not is_identically_zero(score_function):
-                signal = self.base(costs.sum_to(signal_frames(self.guide_trace, name)))
-                surrogate = surrogate + (self.base(score_function) * signal).sum()
+                signal = costs.sum_to(signal_frames(self.guide_trace, name))
+                surrogate = surrogate + (score_function * signal).sum()
         if not self.arm_sites:
             return surrogate
         frames = {name: signal_frames(self.guide_trace, name) for name in self.arm_sites}
         branch_signals = {}
         if estimator.antithetic:
-            branch_signals = self.branch_signals(costs, frames, args, kwargs)
+            branch_signals = self.branch_signals(frames, branch_dim, args, kwargs)
         for name, arm in self.arm_sites.items():
-            base_signal = append_event_dims(self.base(costs.sum_to(frames[name])), arm.event_dim)
+            base_signal = local_signal(costs, frames[name], arm.event_dim)
             grad = estimator.logits_grad(branch_signals.get(name), base_signal, arm.u, arm.logits)
             surrogate = surrogate + (grad.detach() * arm.logits).sum()
         return surrogate
 
-
-class _SequentialRun(_Run):
-    """A base run; each antithetic branch is one more run of model and guide."""
-
-    def __init__(self, model, guide, model_trace, guide_trace, sampler: BaseSampleMessenger):
-        self.model, self.guide = model, guide
-        self.model_trace, self.guide_trace = model_trace, guide_trace
-        self.sampler = sampler
-        self.arm_sites = sampler.arm_sites
-
-    def branch_signals(self, costs, frames, args, kwargs) -> dict:
-        signals = {}
-        for name, arm in self.arm_sites.items():
-            flip = BranchMessenger(self.sampler, name)
-            branch_costs = _run_costs(self.model, flip(self.guide), args, kwargs)
-            signals[name] = local_signal(branch_costs, frames[name], arm.event_dim)
-        return signals
-
-
-class _BatchedRun(_Run):
-    """
-    The base run and every antithetic branch in one pass, along the leftmost of ``nesting``
-    batch dims: index 0 is the base run, index ``k + 1`` the branch of the ``k``-th ARM site.
-    """
-
-    def __init__(self, model_trace, guide_trace, sampler: BatchedBranchMessenger, nesting: int):
-        self.model_trace, self.guide_trace = model_trace, guide_trace
-        self.arm_sites = sampler.arm_sites
-        self.nesting = nesting
-
-    def base(self, value):
-        return select_branch(value, 0, self.nesting)
-
-    def branch_signals(self, costs, frames, args, kwargs) -> dict:
+    def branch_signals(self, frames: dict, branch_dim: Optional[int], args, kwargs) -> dict:
+        """The signal of each ARM site in the branch that flips it, event dims appended."""
+        names = list(self.arm_sites)
+        if branch_dim is None or len(names) == 1:
+            return {
+                name: local_signal(
+                    self.branch_costs(name, args, kwargs), frames[name], arm.event_dim
+                )
+                for name, arm in self.arm_sites.items()
+            }
+        branches = pyro.plate(_BRANCH_PLATE, len(names), dim=branch_dim)
+        flips = BranchMessenger(self.sampler, names, branch_dim)
+        with _BatchedPassErrors(flips.seen):
+            costs = _run_costs(branches(self.model), flips(branches(self.guide)), args, kwargs)
+        missing = [name for name in self.sampler.order if name not in flips.seen]
+        if missing:
+            raise NotImplementedError(
+                f"Site '{missing[0]}' of the base run did not appear in an antithetic branch: "
+                "the guide's structure depends on sampled values, which a vectorized pass "
+                "cannot follow; use vectorize_particles=False"
+            )
+        branch_frame = next(f for key in costs for f in key if f.name == _BRANCH_PLATE)
         signals = {}
         for index, (name, arm) in enumerate(self.arm_sites.items()):
-            signal = select_branch(costs.sum_to(frames[name]), index + 1, self.nesting)
-            signals[name] = append_event_dims(signal, arm.event_dim)
+            signal = costs.sum_to(frames[name] | {branch_frame})
+            signals[name] = append_event_dims(
+                select_branch(signal, index, -branch_dim), arm.event_dim
+            )
         return signals
+
+    def branch_costs(self, name: str, args, kwargs) -> MultiFrameTensor:
+        """The costs of the branch that flips ARM site ``name``."""
+        flip = BranchMessenger(self.sampler, [name])
+        if name != self.sampler.order[-1]:
+            return _run_costs(self.model, flip(self.guide), args, kwargs)
+        # Nothing is sampled after the last site: only its own log q and the model change.
+        with torch.no_grad(), pyro.validation_enabled(False):
+            model_trace = poutine.trace(flip(self.model)).get_trace(*args, **kwargs)
+            model_trace = prune_subsample_sites(model_trace)
+            model_trace.compute_log_prob()
+            site = self.guide_trace.nodes[name]
+            log_q = site["fn"].log_prob(self.arm_sites[name].z1)
+            log_q = scale_and_mask(log_q, site["scale"], site["mask"])
+        return cost_terms(model_trace, self.guide_trace, {name: log_q})
 
 
 class TraceARM_ELBO(ELBO):
@@ -152,8 +146,9 @@ class TraceARM_ELBO(ELBO):
     and resamples the sites after :math:`t`, later Bernoulli sites from their base uniforms
     (common random numbers). The :math:`z_2` member of every pair is thus the base run itself,
     and :math:`T` ARM sites cost :math:`T + 1` runs of model and guide per particle (AR: one).
-    With ``vectorize_particles=True`` the particles run as one batched base pass and all
-    :math:`T` branches of all particles as one batched pass, without gradient tape.
+    The branch of the last site the guide samples runs the model alone. With
+    ``vectorize_particles=True`` the particles run as one batched base pass, and the branches
+    of all sites and particles as one more batched pass, off the gradient tape.
 
     **Plate-local signals.** Each cost term is summed down to the plates it shares with site
     :math:`t`, so datapoint :math:`n`'s logits are driven by datapoint :math:`n`'s terms. Where a
@@ -194,7 +189,6 @@ class TraceARM_ELBO(ELBO):
         **kwargs: Any,
     ) -> None:
         self.estimator = get_estimator(estimator)
-        self._arm_site_count = None
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -208,78 +202,16 @@ class TraceARM_ELBO(ELBO):
         with _fork_rng():
             super()._guess_max_plate_nesting(model, guide, args, kwargs)
 
-    def _get_traces(self, model, guide, args, kwargs):
-        if not self.vectorize_particles:
-            for _ in range(self.num_particles):
-                yield self._get_trace(model, guide, args, kwargs)
-            return
-        if self.max_plate_nesting == float("inf"):
-            self._guess_max_plate_nesting(model, guide, args, kwargs)
-        num_arm_sites = self._count_arm_sites(guide, args, kwargs)
-        yield self._get_batched_trace(
-            self._vectorized_num_particles(model),
-            self._vectorized_num_particles(guide),
-            num_arm_sites,
-            args,
-            kwargs,
-        )
-
-    def _get_trace(self, model, guide, args, kwargs) -> _SequentialRun:
+    def _get_trace(self, model, guide, args, kwargs) -> _Run:
         sampler = BaseSampleMessenger()
-        model_trace, guide_trace = get_importance_trace(
-            "flat", self.max_plate_nesting, model, sampler(guide), args, kwargs
-        )
-        if is_validation_enabled():
-            check_if_enumerated(guide_trace)
-        return _SequentialRun(model, guide, model_trace, guide_trace, sampler)
-
-    def _count_arm_sites(self, guide, args, kwargs) -> Optional[int]:
-        """
-        The number of ARM sites of ``guide``, counted once, as the batched pass needs it
-        before it starts; ``None`` for an estimator without antithetic branches.
-        """
-        if not self.estimator.antithetic:
-            return None
-        key = (getattr(guide, "__func__", guide), getattr(guide, "__self__", None))
-        cached = self._arm_site_count
-        if cached is None or cached[0][0] is not key[0] or cached[0][1] is not key[1]:
-            with _fork_rng(), torch.no_grad(), poutine.block():
-                trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            count = sum(is_arm_site(site) for site in trace.nodes.values())
-            self._arm_site_count = cached = (key, count)
-        return cached[1]
-
-    def _get_batched_trace(self, model, guide, num_arm_sites, args, kwargs) -> _BatchedRun:
-        branch_dim = -self.max_plate_nesting - 1
-        branches = pyro.plate(_BRANCH_PLATE, (num_arm_sites or 0) + 1, dim=branch_dim)
-        sampler = BatchedBranchMessenger(num_arm_sites, branch_dim)
-        try:
-            with _BatchedPassErrors(sampler.order):
-                model_trace, guide_trace = get_importance_trace(
-                    "flat",
-                    self.max_plate_nesting + 1,
-                    branches(model),
-                    sampler(branches(guide)),
-                    args,
-                    kwargs,
-                )
-        except ValueError:
-            # An invalid model can fail differently once the branch plate is added: raise
-            # the error Pyro's own checks give without it, as Trace_ELBO would.
-            if is_validation_enabled():
-                with _fork_rng(), torch.no_grad():
-                    get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
-            raise
-        if num_arm_sites is not None and len(sampler.arm_sites) != num_arm_sites:
-            raise NotImplementedError(
-                f"The guide sampled {len(sampler.arm_sites)} ARM sites "
-                f"({', '.join(sampler.arm_sites) or 'none'}) where {num_arm_sites} were counted "
-                "before: its structure depends on sampled values, which a vectorized pass "
-                "cannot follow; use vectorize_particles=False"
+        batched = self.vectorize_particles and self.num_particles > 1
+        with _BatchedPassErrors(sampler.order if batched else None):
+            model_trace, guide_trace = get_importance_trace(
+                "flat", self.max_plate_nesting, model, sampler(guide), args, kwargs
             )
         if is_validation_enabled():
             check_if_enumerated(guide_trace)
-        return _BatchedRun(model_trace, guide_trace, sampler, -branch_dim)
+        return _Run(model, guide, model_trace, guide_trace, sampler)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """
@@ -321,10 +253,13 @@ class TraceARM_ELBO(ELBO):
         # All base runs come first, so that the random numbers behind the reported loss are
         # drawn exactly as in `loss`.
         runs = list(self._get_traces(model, guide, args, kwargs))
+        branch_dim = -self.max_plate_nesting - 1 if self.vectorize_particles else None
         elbo = surrogate_elbo = 0.0
         for run in runs:
             elbo = elbo + run.elbo().detach()
-            surrogate_elbo = surrogate_elbo + run.surrogate_elbo(self.estimator, args, kwargs)
+            surrogate_elbo = surrogate_elbo + run.surrogate_elbo(
+                self.estimator, branch_dim, args, kwargs
+            )
         trainable = any(
             site["type"] == "param"
             for run in runs
@@ -337,19 +272,22 @@ class TraceARM_ELBO(ELBO):
 
 
 class _BatchedPassErrors:
-    """Turns a RuntimeError that user code raises inside a batched pass into a clear error."""
+    """
+    Turns a RuntimeError that user code raises inside a batched pass into a clear error naming
+    the last site of ``seen``; inactive when ``seen`` is None.
+    """
 
-    def __init__(self, seen: list) -> None:
+    def __init__(self, seen: Optional[list]) -> None:
         self.seen = seen
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is RuntimeError:
+        if self.seen is not None and exc_type is RuntimeError:
             where = f"after site '{self.seen[-1]}'" if self.seen else "before the first site"
             raise NotImplementedError(
-                f"Model or guide failed {where} in the batched pass of particles and antithetic "
+                f"Model or guide failed {where} in a batched pass of particles or antithetic "
                 f"branches: {exc}. Code that converts a sampled value to a Python number or "
                 "branches on it (.item(), `if z:`) cannot run vectorized; "
                 "use vectorize_particles=False"
