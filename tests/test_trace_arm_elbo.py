@@ -164,6 +164,35 @@ def nested_plates():
     return model, guide, (data,)
 
 
+def sequential_plates():
+    """
+    A sequential plate (a Python loop over ``pyro.plate``) holding a vectorized plate, then a
+    global site after the loop that depends on every local value.
+    """
+    data = t([1.0, 0.0], [0.0, 1.0])
+
+    def model(data):
+        total = 0.0
+        for i in pyro.plate("groups", 2):
+            with pyro.plate(f"items_{i}", 2):
+                z = pyro.sample(f"z_{i}", dist.Bernoulli(logits=t(0.2 - i)))
+                pyro.sample(f"x_{i}", dist.Bernoulli(logits=2.0 * z - 1.0), obs=data[i])
+                total = total + z.sum(-1, keepdim=True)
+        pyro.sample("g", dist.Bernoulli(logits=total - 1.0))
+
+    def guide(data):
+        a = pyro.param("a", t([0.4, -0.3], [0.1, 0.7]))
+        c = pyro.param("c", t(0.5))
+        total = 0.0
+        for i in pyro.plate("groups", 2):
+            with pyro.plate(f"items_{i}", 2):
+                z = pyro.sample(f"z_{i}", dist.Bernoulli(logits=a[i]))
+                total = total + z.sum(-1, keepdim=True)
+        pyro.sample("g", dist.Bernoulli(logits=c * total - 0.5))
+
+    return model, guide, (data,)
+
+
 def subsampled():
     """
     A plate of 4 with a random subsample_size 2 and two local layers per datapoint: the branch
@@ -362,6 +391,7 @@ CASES = {
         global_then_local,
         local_then_global,
         nested_plates,
+        sequential_plates,
         subsampled,
         masked_scaled,
         probs_expand_to_event,
