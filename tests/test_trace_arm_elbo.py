@@ -442,11 +442,15 @@ def test_value_dependent_structure_sequential(estimator):
     assert_unbiased(elbo, model, guide, args, num_samples=400, seed=0)
 
 
+@pytest.mark.parametrize("num_particles", [1, 100])
 @pytest.mark.parametrize("estimator", ["arm", "ar"])
-def test_value_dependent_structure_vectorized(estimator):
-    """Vectorized: either right, or a NotImplementedError that names a site."""
+def test_value_dependent_structure_vectorized(estimator, num_particles):
+    """
+    Vectorized: either right, or a NotImplementedError that names a site (with one particle the
+    base pass runs, and the batched pass of branches meets the control flow).
+    """
     model, guide, args = value_dependent_structure()
-    elbo = TraceARM_ELBO(num_particles=100, vectorize_particles=True, estimator=estimator)
+    elbo = TraceARM_ELBO(num_particles=num_particles, vectorize_particles=True, estimator=estimator)
     try:
         assert_unbiased(elbo, model, guide, args, num_samples=4000, seed=0)
     except NotImplementedError as e:
