@@ -37,6 +37,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro.nn import PyroModule, pyro_method
+from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
 
 #: Named architectures: ``name -> (nonlinear, latent sizes)``, 784 pixels.
@@ -117,6 +118,10 @@ class SigmoidBeliefNet(PyroModule):
             _mlp((dims[i + 1],) + self.hidden_dims[::-1] + (dims[i],)) for i in range(len(dims) - 1)
         )
         self.prior_logits = nn.Parameter(torch.zeros(self.latent_dims[-1]))
+        # Submodules as PyroModules: each parameter read is then one pyro.param statement,
+        # where a plain nn.Module attribute would re-register all of its parameters.
+        to_pyro_module_(self.encoders)
+        to_pyro_module_(self.decoders)
         if x_mean is not None:
             self.init_output_bias(x_mean)
 
