@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import pyro
@@ -85,7 +86,7 @@ class _Run:
             }
         branches = pyro.plate(_BRANCH_PLATE, len(names), dim=branch_dim)
         flips = BranchMessenger(self.sampler, names, branch_dim)
-        with _BatchedPassErrors(flips.seen):
+        with _batched_pass_errors(flips.seen):
             costs = _run_costs(branches(self.model), flips(branches(self.guide)), args, kwargs)
         missing = [name for name in self.sampler.order if name not in flips.seen]
         if missing:
@@ -205,7 +206,7 @@ class TraceARM_ELBO(ELBO):
     def _get_trace(self, model, guide, args, kwargs) -> _Run:
         sampler = BaseSampleMessenger()
         batched = self.vectorize_particles and self.num_particles > 1
-        with _BatchedPassErrors(sampler.order if batched else None):
+        with _batched_pass_errors(sampler.order if batched else None):
             model_trace, guide_trace = get_importance_trace(
                 "flat", self.max_plate_nesting, model, sampler(guide), args, kwargs
             )
@@ -271,28 +272,24 @@ class TraceARM_ELBO(ELBO):
         return loss, surrogate_loss, trainable
 
 
-class _BatchedPassErrors:
+@contextmanager
+def _batched_pass_errors(seen: Optional[list]):
     """
     Turns a RuntimeError that user code raises inside a batched pass into a clear error naming
     the last site of ``seen``; inactive when ``seen`` is None.
     """
-
-    def __init__(self, seen: Optional[list]) -> None:
-        self.seen = seen
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if self.seen is not None and exc_type is RuntimeError:
-            where = f"after site '{self.seen[-1]}'" if self.seen else "before the first site"
-            raise NotImplementedError(
-                f"Model or guide failed {where} in a batched pass of particles or antithetic "
-                f"branches: {exc}. Code that converts a sampled value to a Python number or "
-                "branches on it (.item(), `if z:`) cannot run vectorized; "
-                "use vectorize_particles=False"
-            ) from exc
-        return False
+    try:
+        yield
+    except RuntimeError as exc:
+        if seen is None:
+            raise
+        where = f"after site '{seen[-1]}'" if seen else "before the first site"
+        raise NotImplementedError(
+            f"Model or guide failed {where} in a batched pass of particles or antithetic "
+            f"branches: {exc}. Code that converts a sampled value to a Python number or "
+            "branches on it (.item(), `if z:`) cannot run vectorized; "
+            "use vectorize_particles=False"
+        ) from exc
 
 
 def _fork_rng():
