@@ -22,9 +22,10 @@ for any distribution (:func:`rloo_weights` gives the :math:`w_k`); for a Bernoul
 **ARMS** (Dimitriev & Zhou, 2021, "ARMS: Antithetic-REINFORCE-Multi-Sample Gradient for Binary
 Variables", ICML), for independent Bernoulli components with :math:`p = \sigma(\phi)`.
 
-*Copula.* Per component draw :math:`d \sim \mathrm{Dirichlet}(1, \dots, 1)` (``n`` entries:
-normalised exponentials, or the spacings of their normalised cumulative sums) and set
-:math:`u_k = (1 - d_k)^{n-1}` (:func:`arms_uniforms`). Since :math:`d_k \sim
+*Copula.* Per component, independently of the other components, draw
+:math:`d \sim \mathrm{Dirichlet}(1, \dots, 1)` with ``n`` entries (normalised exponentials
+:math:`d_k = e_k / \sum_j e_j`, computed as the spacings of their normalised cumulative sums)
+and set :math:`u_k = (1 - d_k)^{n-1}` (:func:`arms_uniforms`). Since :math:`d_k \sim
 \mathrm{Beta}(1, n-1)`, :math:`P(u_k < t) = P(d_k > 1 - t^{1/(n-1)}) = t`: each :math:`u_k` is
 :math:`U(0, 1)`. The Dirichlet is uniform on the simplex, so for :math:`j \ne k`
 :math:`P(d_j > a, d_k > a) = (1 - 2a)_+^{n-1}`, hence
@@ -47,9 +48,12 @@ With :math:`m = \sigma(-|\phi|) = \min(p, 1 - p)`, the rarer value's pair coinci
     r = \frac{B_n(m)}{m} = \big(2 - m^{-1/(n-1)}\big)_+^{n-1}
       = \big(2 - (1 + e^{|\phi|})^{1/(n-1)}\big)_+^{n-1} \;<\; m.
 
-*Estimator* (:func:`arms`). Per component :math:`i`, the expectation over the other,
-independent components turns :math:`f` into :math:`h(z_{k,i}) = h(0) + \Delta z_{k,i}`, and
-the true logits gradient is :math:`p(1-p)\Delta`. With :math:`J = P(z_{j,i} = z_{k,i} = 1)`,
+*Estimator* (:func:`arms`). Fix a component :math:`i`. Each component has its own copula
+draw, so the other components :math:`z_{j,-i}` of any sample are independent of
+:math:`(z_{j,i}, z_{k,i})` and marginally :math:`q_\phi`; averaging over them turns
+:math:`f(z_j)` into :math:`h(z_{j,i}) = h(0) + \Delta z_{j,i}`, and the true logits gradient is
+:math:`p(1-p)\Delta`. Writing :math:`z_k` for :math:`z_{k,i}`, :math:`p` for :math:`p_i`, and
+:math:`J = P(z_j = z_k = 1)` for :math:`j \ne k`,
 
 .. math::
 
@@ -66,8 +70,11 @@ covariance :math:`J - p^2` too. ARMS rescales by the debiasing factor
     c = \frac{p(1-p)}{p - J} = \frac{\sigma(|\phi|)}{1 - r}
     \quad\text{(} J = B_n(p) \text{ if } \phi < 0 \text{, else } 2p - 1 + B_n(1-p)\text{)},
 
-(:func:`arms_debias`), which is unbiased. Independent samples have :math:`r = m`, :math:`c = 1`:
-RLOO. For :math:`n = 2`, :math:`r = 0` and :math:`c = \sigma(|\phi|)`, and
+(:func:`arms_debias`), which is unbiased. The second form (with :math:`p(1-p) = m(1-m)` and
+:math:`p - J = m(1 - r)` in both cases) needs no guard against a vanishing denominator, unlike
+the reference implementation (github.com/alekdimi/arms), which adds :math:`10^{-6}` to
+:math:`p - J`. Independent samples have :math:`J = p^2`, :math:`r = m`, :math:`c = 1`: RLOO.
+For :math:`n = 2`, :math:`r = 0` and :math:`c = \sigma(|\phi|)`, and
 :math:`\hat g = \tfrac12 (f_1 - f_2)(z_1 - z_2)\, \sigma(|\phi|)` is DisARM (Dong, Mnih & Tucker,
 2020) on the pair :math:`(u, 1 - u)`. More generally, :math:`\sum_k w_k (z_k - p) =
 \frac1{n(n-1)} \sum_{j<k} (f_k - f_j)(z_k - z_j)`: ARMS is the average of DisARM-like terms
@@ -77,7 +84,8 @@ Because :math:`\sum_k w_k = 0`, the functions compute :math:`\sum_k w_k z_k`, wh
 :math:`\sum_k w_k (z_k - p)`, and with :math:`w_k` built from the differences
 :math:`f_k - f_j` the :math:`n = 2` case reproduces :func:`pyro_arm.estimators.disarm` to the
 bit. The values ``f`` are the cost per sample, already broadcast per component (plate-local
-signals); nothing here knows about Pyro.
+signals); nothing here knows about Pyro. Not implemented: the paper's Gaussian-copula variant
+and its multi-sample-bound (IWAE) version of the estimator.
 """
 
 from __future__ import annotations
@@ -103,7 +111,8 @@ def rloo_weights(f: Tensor) -> Tensor:
 
     ``sum_k w_k * grad log q(z_k)`` is the RLOO estimate. Computed as
     :math:`\frac1{n(n-1)} \sum_j (f_k - f_j)`, differences first (no cancellation of a large
-    common offset, and exactly :math:`\pm\frac12 (f_1 - f_2)` for :math:`n = 2`).
+    common offset, and exactly :math:`\pm\frac12 (f_1 - f_2)` for :math:`n = 2`), at the cost
+    of an ``(n, n, *shape)`` intermediate.
 
     :param f: values ``(n, *shape)`` of the cost at ``n`` samples, ``n >= 2``.
     :returns: the weights, of the shape of ``f``; they sum to zero over the sample dim.
