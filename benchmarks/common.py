@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_arm import PlainARMStep, PlainSBN, arm_surrogate_loss  # noqa: E402
 
 from pyro_arm import TraceARM_ELBO  # noqa: E402
-from pyro_arm.data import load_mnist  # noqa: E402
-from pyro_arm.models import build_sbn  # noqa: E402
+from pyro_arm.sbn.data import load_mnist  # noqa: E402
+from pyro_arm.sbn.models import build_sbn  # noqa: E402
 
 ESTIMATORS = ("arm", "disarm", "ar")
 
@@ -36,7 +36,7 @@ ESTIMATORS = ("arm", "disarm", "ar")
 
 
 def load_data(source: str = "embedded"):
-    """Binarized MNIST (thresholded) from :func:`pyro_arm.data.load_mnist`."""
+    """Binarized MNIST (thresholded) from :func:`pyro_arm.sbn.data.load_mnist`."""
     return load_mnist(source)
 
 
@@ -78,7 +78,7 @@ def plain_from_pyro(sbn) -> PlainSBN:
 
 
 class _Map(torch.nn.Module):
-    """One map of :class:`pyro_arm.models.SigmoidBeliefNet`: Linear (LeakyReLU Linear)*."""
+    """One map of :class:`pyro_arm.sbn.models.SigmoidBeliefNet`: Linear (LeakyReLU Linear)*."""
 
     def __init__(self, layers: torch.nn.ModuleList, negative_slope: float):
         super().__init__()

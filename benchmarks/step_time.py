@@ -57,7 +57,7 @@ def parse_args(argv=None):
         default="wall",
         help="wall time (default) or this process's CPU time, steadier on a busy machine",
     )
-    p.add_argument("--data", default="embedded", help="MNIST source for pyro_arm.data.load_mnist")
+    p.add_argument("--data", default="embedded", help="MNIST source (load_mnist)")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 50, 1 warmup, 1 step")
     p.add_argument("--json-out", default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 # SPDX-License-Identifier: Apache-2.0
 """
-Regenerates ``pyro_arm/datasets/mnist_subset.npz``, the embedded MNIST subset.
+Regenerates ``pyro_arm/sbn/datasets/mnist_subset.npz``, the embedded MNIST subset.
 
 Usage::
 
     python scripts/make_embedded_mnist.py [--source ../shared/data/mnist] [--out PATH]
 
 ``--source`` is a folder with the four standard MNIST IDX files (raw or ``.gz``), or ``download``.
-The rule (which images, 4-bit packing) is :data:`pyro_arm.data.EMBEDDED_RULE` and
-:func:`pyro_arm.data.make_embedded_arrays`; the output is deterministic (fixed zip timestamps).
+The rule (which images, 4-bit packing) is :data:`pyro_arm.sbn.data.EMBEDDED_RULE` and
+:func:`pyro_arm.sbn.data.make_embedded_arrays`; the output is deterministic (fixed zip timestamps).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pyro_arm.data import (  # noqa: E402
+from pyro_arm.sbn.data import (  # noqa: E402
     EMBEDDED_PATH,
     download_mnist,
     make_embedded_arrays,

@@ -130,7 +130,7 @@ def test_plain_view_of_pyro_sbn_computes_the_same_elbo():
     import pyro.poutine as poutine
     from common import plain_from_pyro
 
-    from pyro_arm.models import build_sbn
+    from pyro_arm.sbn.models import build_sbn
 
     sbn = build_sbn("nonlinear-6-4", x_mean=torch.full((784,), 0.2))
     x = (torch.rand(7, 784) < 0.2).float()

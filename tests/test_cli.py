@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_arm.cli import main
-from pyro_arm.train import TrainConfig, TrainingInterrupted, load_checkpoint, train
+from pyro_arm.sbn.cli import main
+from pyro_arm.sbn.train import TrainConfig, TrainingInterrupted, load_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # few steps, a cheap final evaluation
@@ -242,7 +242,7 @@ def test_interrupt_during_validation_falls_back_to_the_last_checkpoint(
     straight = tmp_path / "straight"
     train(TrainConfig(run_dir=str(straight), **common), progress=False, log=lambda _: None)
 
-    import pyro_arm.train as train_module
+    import pyro_arm.sbn.train as train_module
 
     real = train_module._evaluate_valid
 

@@ -39,9 +39,9 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
-from pyro_arm.data import BINARIZATIONS, load_mnist
-from pyro_arm.evaluate import evaluate_sbn, negative_elbo
-from pyro_arm.models import build_sbn, parse_architecture
+from pyro_arm.sbn.data import BINARIZATIONS, load_mnist
+from pyro_arm.sbn.evaluate import evaluate_sbn, negative_elbo
+from pyro_arm.sbn.models import build_sbn, parse_architecture
 
 #: ``--estimator`` choices: the ARM family (:class:`~pyro_arm.TraceARM_ELBO`) and Pyro's own.
 ESTIMATOR_CHOICES = ("arm", "disarm", "ar", "trace", "tracegraph")
@@ -79,7 +79,7 @@ class TrainConfig:
     """
     One training run (the ``pyro-arm train`` options).
 
-    :param model: architecture name (:func:`~pyro_arm.models.build_sbn`).
+    :param model: architecture name (:func:`~pyro_arm.sbn.models.build_sbn`).
     :param estimator: ``arm``, ``disarm``, ``ar`` (:class:`~pyro_arm.TraceARM_ELBO`), ``trace``
         (:class:`~pyro.infer.Trace_ELBO`) or ``tracegraph`` (:class:`~pyro.infer.TraceGraph_ELBO`).
     :param steps: total number of optimizer steps (a resumed run continues up to it).
@@ -318,7 +318,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from pyro_arm import plots
+    from pyro_arm.sbn import plots
 
     config.validate()
     explicit = set(asdict(config)) if explicit is None else set(explicit)

@@ -3,7 +3,7 @@
 The ``pyro-arm`` command (also ``python -m pyro_arm``).
 
 ``pyro-arm train [options]`` trains a sigmoid belief net on binarized MNIST with an ARM-family or
-Pyro estimator (see :mod:`pyro_arm.train`). Bad input ends with one line
+Pyro estimator (see :mod:`pyro_arm.sbn.train`). Bad input ends with one line
 ``pyro-arm: error: <what is wrong and what to do>`` and exit status 2; an interrupted run
 (Ctrl-C) saves a checkpoint and exits with status 130.
 """
@@ -14,9 +14,9 @@ import argparse
 import sys
 from typing import NoReturn, Optional, Sequence
 
-from pyro_arm.data import BINARIZATIONS, DataError
-from pyro_arm.models import ARCHITECTURES
-from pyro_arm.train import ESTIMATOR_CHOICES, ConfigError, TrainConfig, TrainingInterrupted
+from pyro_arm.sbn.data import BINARIZATIONS, DataError
+from pyro_arm.sbn.models import ARCHITECTURES
+from pyro_arm.sbn.train import ESTIMATOR_CHOICES, ConfigError, TrainConfig, TrainingInterrupted
 
 PROG = "pyro-arm"
 
@@ -188,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    from pyro_arm.train import train
+    from pyro_arm.sbn.train import train
 
     config, explicit = _config_from_args(args)
     try:

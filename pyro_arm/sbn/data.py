@@ -5,7 +5,7 @@ Binarized MNIST for sigmoid belief networks: readers, a checked download and an 
 Three sources, one API (:func:`load_mnist` returns an :class:`MNISTData`):
 
 - ``"embedded"`` (the default): a 14,000-image subset shipped in the package as
-  ``pyro_arm/datasets/mnist_subset.npz`` (about 1.3 MB), so that everything runs offline.
+  ``pyro_arm/sbn/datasets/mnist_subset.npz`` (about 1.3 MB), so that everything runs offline.
   The exact rule (see ``scripts/make_embedded_mnist.py``, which regenerates it bit for bit):
 
   * ``train``: training images 0 .. 9,999 (the first 10,000 of the 60,000);
