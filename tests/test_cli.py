@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pyro_arm.sbn.checkpoint import load_checkpoint
 from pyro_arm.sbn.cli import main
-from pyro_arm.sbn.train import TrainConfig, TrainingInterrupted, load_checkpoint, train
+from pyro_arm.sbn.config import TrainConfig
+from pyro_arm.sbn.train import TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # few steps, a cheap final evaluation

@@ -3,20 +3,27 @@
 The ``pyro-arm`` command (also ``python -m pyro_arm``).
 
 ``pyro-arm train [options]`` trains a sigmoid belief net on binarized MNIST with an ARM-family or
-Pyro estimator (see :mod:`pyro_arm.sbn.train`). Bad input ends with one line
-``pyro-arm: error: <what is wrong and what to do>`` and exit status 2; an interrupted run
-(Ctrl-C) saves a checkpoint and exits with status 130.
+Pyro estimator (see :mod:`pyro_arm.sbn.train`). Its options are generated from the fields of
+:class:`~pyro_arm.sbn.config.TrainConfig` and checked by
+:meth:`~pyro_arm.sbn.config.TrainConfig.validate`. ``--resume`` continues a run from its
+checkpoint: options not given are taken from the saved run, and options that fix the trajectory
+(:data:`~pyro_arm.sbn.config.TRAJECTORY_FIELDS`) may not change.
+
+Bad input ends with one line ``pyro-arm: error: <what is wrong and what to do>`` and exit status
+2; an interrupted run (Ctrl-C) saves a checkpoint and exits with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import NoReturn, Optional, Sequence
 
-from pyro_arm.sbn.data import BINARIZATIONS, DataError
-from pyro_arm.sbn.models import ARCHITECTURES
-from pyro_arm.sbn.train import ESTIMATOR_CHOICES, ConfigError, TrainConfig, TrainingInterrupted
+from pyro_arm.sbn.checkpoint import load_checkpoint
+from pyro_arm.sbn.config import TRAJECTORY_FIELDS, ConfigError, TrainConfig, flag
+from pyro_arm.sbn.data import DataError
+from pyro_arm.sbn.train import TrainingInterrupted, train
 
 PROG = "pyro-arm"
 
@@ -32,29 +39,27 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """
+    One ``--flag`` per :class:`TrainConfig` field, typed and documented by its metadata. Every
+    default is ``None``, so that ``--resume`` can tell which options were given explicitly;
+    the values are checked by :meth:`TrainConfig.validate`, not here.
+    """
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        default = "" if field.default is None else f" (default {field.default})"
+        kwargs = dict(dest=field.name, default=None, help=meta["help"] + default)
+        if meta["type"] is bool:
+            parser.add_argument(flag(field.name), action="store_true", **kwargs)
+            continue
+        metavar = meta["metavar"]
+        if meta["choices"] is not None:  # read now: a newly registered estimator shows up
+            metavar = "{" + ",".join(meta["choices"]()) + "}"
+        parser.add_argument(flag(field.name), type=meta["type"], metavar=metavar, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``pyro-arm`` argument parser."""
-    d = TrainConfig()
     parser = _Parser(
         prog=PROG,
         description="Antithetic ARM / DisARM gradients for Bernoulli latents in Pyro.",
@@ -68,76 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
             "k-sample importance-weighted bound (nats per image). Writes config.json, "
             "metrics.csv, checkpoint.pt, summary.json and PNG plots into the run folder."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    # Defaults are None so that --resume can tell which options were given explicitly.
-    t.add_argument(
-        "--model",
-        metavar="NAME",
-        help=f"architecture: {', '.join(ARCHITECTURES)} or linear-D1-D2-... / nonlinear-D1-... "
-        f"(default {d.model})",
-    )
-    t.add_argument(
-        "--estimator",
-        choices=ESTIMATOR_CHOICES,
-        help="arm, disarm, ar (TraceARM_ELBO), trace (Trace_ELBO), tracegraph "
-        f"(TraceGraph_ELBO) (default {d.estimator})",
-    )
-    t.add_argument("--steps", type=_positive_int, help=f"optimizer steps (default {d.steps})")
-    t.add_argument(
-        "--batch-size", type=_positive_int, help=f"images per step (default {d.batch_size})"
-    )
-    t.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default {d.lr})")
-    t.add_argument(
-        "--binarization",
-        choices=BINARIZATIONS,
-        help=f"threshold (pixel > 0.5) or dynamic (resampled per batch) (default {d.binarization})",
-    )
-    t.add_argument(
-        "--data",
-        metavar="SOURCE",
-        help="embedded (the packaged 10k/2k/2k subset), download (full MNIST into "
-        "~/.cache/pyro-arm), or a folder with the four MNIST IDX files, e.g. "
-        f"../shared/data/mnist (default {d.data})",
-    )
-    t.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
-    t.add_argument("--device", choices=("cpu", "cuda", "auto"), help=f"(default {d.device})")
-    t.add_argument(
-        "--num-particles",
-        type=_positive_int,
-        help=f"ELBO particles per step (default {d.num_particles})",
-    )
-    t.add_argument(
-        "--vectorize",
-        action="store_true",
-        default=None,
-        help="vectorize the particles (and antithetic branches) in plates",
-    )
-    t.add_argument(
-        "--eval-every",
-        type=_positive_int,
-        help=f"steps between validation -ELBO rows (default {d.eval_every})",
-    )
-    t.add_argument(
-        "--eval-k",
-        type=_positive_int,
-        help=f"samples of the importance-weighted test bound (default {d.eval_k})",
-    )
-    t.add_argument(
-        "--test-size",
-        type=_positive_int,
-        help="test images used for the k-sample bound (default: all)",
-    )
-    t.add_argument(
-        "--checkpoint-every",
-        type=_positive_int,
-        help=f"steps between checkpoints (default {d.checkpoint_every})",
-    )
-    t.add_argument(
-        "--run-dir",
-        metavar="DIR",
-        help="run folder (default runs/<model>-<estimator>-s<seed>)",
-    )
+    add_config_options(t)
     t.add_argument(
         "--resume",
         action="store_true",
@@ -147,30 +84,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
-    values = {}
-    for name in (
-        "model",
-        "estimator",
-        "steps",
-        "batch_size",
-        "lr",
-        "binarization",
-        "data",
-        "seed",
-        "device",
-        "num_particles",
-        "vectorize",
-        "eval_every",
-        "eval_k",
-        "test_size",
-        "checkpoint_every",
-        "run_dir",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            values[name] = value
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
+    """The config of the parsed options, and the names of those given explicitly."""
+    names = (f.name for f in dataclasses.fields(TrainConfig))
+    values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     return TrainConfig(**values), set(values)
+
+
+def resume_config(saved: dict, config: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """
+    The config to resume with: the saved one, updated with the explicit options.
+
+    :raises ConfigError: if an explicit trajectory option differs from the saved one.
+    """
+    for name in TRAJECTORY_FIELDS:
+        if name in explicit and saved.get(name) != getattr(config, name):
+            raise ConfigError(
+                f"--resume: the run was started with {name}={saved.get(name)!r}, not "
+                f"{getattr(config, name)!r}; drop that option or pick another --run-dir"
+            )
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = {k: v for k, v in saved.items() if k in fields}
+    merged.update({k: getattr(config, k) for k in explicit})
+    merged["run_dir"] = str(config.resolved_run_dir())
+    return TrainConfig(**merged)
+
+
+def _train(args: argparse.Namespace) -> None:
+    config, explicit = config_from_args(args)
+    config.validate()
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(config.resolved_run_dir() / "checkpoint.pt")
+        config = resume_config(checkpoint["config"], config, explicit)
+    train(config, checkpoint=checkpoint, progress=not args.no_progress)
 
 
 def _error(message: str, status: int = 2) -> int:
@@ -188,11 +135,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    from pyro_arm.sbn.train import train
-
-    config, explicit = _config_from_args(args)
     try:
-        train(config, resume=args.resume, explicit=explicit, progress=not args.no_progress)
+        _train(args)
     except (ConfigError, DataError) as e:
         return _error(str(e))
     except FloatingPointError as e:
