@@ -8,21 +8,21 @@ Every (model, batch size, contender) runs in this one process, interleaved round
 fresh random order, so that load on a shared machine hits all alike; the script reports the median
 time per step and medians of per-round ratios.
 
-    python benchmarks/step_time.py                       # CPU, 2 threads
-    python benchmarks/step_time.py --device cuda          # on a GPU
+    python -m benchmarks.step_time                       # CPU, 2 threads
+    python -m benchmarks.step_time --device cuda          # on a GPU
 
 Prints a markdown table and one JSON line (``--json-out`` also writes it to a file).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import statistics
 
-import common
-import pyro
 import torch
+
+from benchmarks import common
+from pyro_arm.sbn.data import load_mnist
 
 KEY_RATIOS = {  # name in the JSON -> (numerator, denominator), same (model, batch)
     "arm_vectorized/trace_elbo": ("arm_vec", "trace_elbo"),
@@ -37,34 +37,23 @@ KEY_RATIOS = {  # name in the JSON -> (numerator, denominator), same (model, bat
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.base_parser(__doc__)
     p.add_argument("--rounds", type=int, default=30, help="timed rounds (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     p.add_argument("--steps", type=int, default=2, help="steps per contender per round")
     p.add_argument("--models", nargs="+", default=["linear", "two_layer"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[50, 500])
     p.add_argument("--contenders", nargs="+", default=None, help="default: all available")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default 2)")
-    p.add_argument(
-        "--no-validation",
-        action="store_true",
-        help="pyro.enable_validation(False) (Pyro validates by default: support checks cost)",
-    )
     p.add_argument(
         "--clock",
         choices=["wall", "cpu"],
         default="wall",
         help="wall time (default) or this process's CPU time, steadier on a busy machine",
     )
-    p.add_argument("--data", default="embedded", help="MNIST source (load_mnist)")
-    p.add_argument("--quick", action="store_true", help="smoke run: batch 50, 1 warmup, 1 step")
-    p.add_argument("--json-out", default=None)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.clock == "cpu" and args.device != "cpu":
         p.error("--clock cpu times the host only; use the wall clock on a GPU")
-    if args.quick:
+    if args.quick:  # batch 50, 1 warmup round, 1 step
         args.batch_sizes, args.warmup, args.steps = [min(args.batch_sizes)], 1, 1
     return args
 
@@ -90,9 +79,8 @@ def plain_reference(name: str) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    common.set_threads(args.threads, args.device)
-    pyro.enable_validation(not args.no_validation)
-    data = common.load_data(args.data)
+    common.setup(args)
+    data = load_mnist(args.data)
     x_mean = data.train.mean(0)
     names = args.contenders or common.available_contenders()
     runners = {}

@@ -6,7 +6,6 @@ every script with tiny settings.
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from benchmarks import plain_arm
+from benchmarks.common import plain_from_pyro
+from pyro_arm.sbn.models import build_sbn
 
-import plain_arm  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def exact_elbo_grads(sbn, x):
@@ -112,14 +111,12 @@ def test_plain_arm_step_trains():
 
 def run_script(name, *args, tmp_path):
     out = tmp_path / f"{name}.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, str(BENCH / f"{name}.py"), *args, "--json-out", str(out)],
+        [sys.executable, "-m", f"benchmarks.{name}", *args, "--json-out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
         cwd=ROOT,
-        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
@@ -128,9 +125,6 @@ def run_script(name, *args, tmp_path):
 def test_plain_view_of_pyro_sbn_computes_the_same_elbo():
     """The plain view shares the Pyro SBN's parameters and gives the same log-densities."""
     import pyro.poutine as poutine
-    from common import plain_from_pyro
-
-    from pyro_arm.sbn.models import build_sbn
 
     sbn = build_sbn("nonlinear-6-4", x_mean=torch.full((784,), 0.2))
     x = (torch.rand(7, 784) < 0.2).float()

@@ -78,6 +78,18 @@ def _mlp(sizes: Sequence[int]) -> nn.ModuleList:
     return nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
 
 
+def run_map(layers: Sequence[nn.Module], h: Tensor, negative_slope: float) -> Tensor:
+    """
+    One map between stochastic layers: ``Linear (LeakyReLU Linear)*``. ``nn.Linear`` broadcasts
+    over leading dims, so ``h`` may carry particle or branch dims.
+    """
+    for i, layer in enumerate(layers):
+        if i > 0:
+            h = F.leaky_relu(h, negative_slope)
+        h = layer(h)
+    return h
+
+
 class SigmoidBeliefNet(PyroModule):
     """
     A sigmoid belief network and its recognition network.
@@ -144,21 +156,13 @@ class SigmoidBeliefNet(PyroModule):
         with torch.no_grad():
             layer.bias.copy_(torch.logit(x_mean.clamp(1e-3, 1 - 1e-3)))
 
-    def _run_map(self, layers: nn.ModuleList, h: Tensor) -> Tensor:
-        # Each map: Linear (LeakyReLU Linear)*; nn.Linear broadcasts over leading dims.
-        for i, layer in enumerate(layers):
-            if i > 0:
-                h = F.leaky_relu(h, self.negative_slope)
-            h = layer(h)
-        return h
-
     def encode(self, level: int, h: Tensor) -> Tensor:
         """Logits of ``z_{level+1}`` given ``h`` (``x`` for level 0, else ``z_level``)."""
-        return self._run_map(self.encoders[level], h)
+        return run_map(self.encoders[level], h, self.negative_slope)
 
     def decode(self, level: int, z: Tensor) -> Tensor:
         """Logits of the layer below ``z_{level+1}`` (``x`` for level 0) given it."""
-        return self._run_map(self.decoders[level], z)
+        return run_map(self.decoders[level], z, self.negative_slope)
 
     @pyro_method
     def model(self, x: Tensor) -> Tensor:
