@@ -77,12 +77,10 @@ def plain_reference(name: str) -> str:
     return name if name.startswith("plain_") else "plain_arm"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    common.setup(args)
+def build_runners(args, names: list[str]) -> dict:
+    """``{(model, batch, contender): run}`` on 8 real training batches per (model, batch)."""
     data = load_mnist(args.data)
     x_mean = data.train.mean(0)
-    names = args.contenders or common.available_contenders()
     runners = {}
     for model, batch in itertools.product(args.models, args.batch_sizes):
         gen = torch.Generator().manual_seed(args.seed)
@@ -92,12 +90,11 @@ def main(argv=None):
         for name in names:
             c = common.make_contender(name, model, x_mean, seed=args.seed, device=args.device)
             runners[(model, batch, name)] = make_runner(c, batches, args.steps)
+    return runners
 
-    times = common.interleaved_times(
-        runners, args.rounds, args.warmup, common.device_sync(args.device), args.seed, args.clock
-    )
-    per_step = {k: [t / args.steps for t in v] for k, v in times.items()}
 
+def summarize(args, names: list[str], per_step: dict) -> tuple[list[tuple], dict]:
+    """The table rows and the ``ms_per_step`` / ``ratios`` record of the per-step times."""
     rows, record = [], {"ms_per_step": {}, "ratios": {}}
     for model, batch in itertools.product(args.models, args.batch_sizes):
         group = f"{model}/b{batch}"
@@ -125,17 +122,25 @@ def main(argv=None):
                 record["ratios"][f"two_layer/linear/b{batch}/{name}"] = common.median_ratio(
                     per_step[("two_layer", batch, name)], per_step[("linear", batch, name)]
                 )
+    return rows, record
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.setup(args)
+    names = args.contenders or common.available_contenders()
+    runners = build_runners(args, names)
+    times = common.interleaved_times(
+        runners, args.rounds, args.warmup, common.device_sync(args.device), args.seed, args.clock
+    )
+    per_step = {k: [t / args.steps for t in v] for k, v in times.items()}
+    rows, record = summarize(args, names, per_step)
     print(
         f"## Time per training step ({args.clock} clock), "
-        f"median of {args.rounds} interleaved rounds "
-        f"({args.device})\n"
+        f"median of {args.rounds} interleaved rounds ({args.device})\n"
     )
-    print(
-        common.markdown_table(
-            ["model", "batch", "contender", "ms/step", "x trace_elbo", "x plain (same est.)"], rows
-        )
-    )
+    headers = ["model", "batch", "contender", "ms/step", "x trace_elbo", "x plain (same est.)"]
+    print(common.markdown_table(headers, rows))
     print()
     record.update(
         benchmark="step_time",

@@ -50,6 +50,7 @@ def monte_carlo_grads(sbn, x, estimator, chunks=20, draws=20000):
     return g.mean(0), g.std(0) / chunks**0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layers", [[3], [2, 1]], ids=["linear", "two_layer"])
 @pytest.mark.parametrize("estimator", plain_arm.ESTIMATOR_NAMES)
 def test_plain_arm_matches_exact_gradient(layers, estimator):
@@ -65,6 +66,7 @@ def test_plain_arm_matches_exact_gradient(layers, estimator):
     assert z.max() < 5.0, (z.max(), mean, exact)
 
 
+@pytest.mark.slow
 def test_plain_arm_catches_a_wrong_branch():
     """Control: branches that do not recompute the layers above are detectably biased."""
     torch.manual_seed(0)
@@ -90,6 +92,7 @@ def test_plain_arm_catches_a_wrong_branch():
     assert ((mean - exact).abs() / (se + 1e-6)).max() > 10.0
 
 
+@pytest.mark.slow
 def test_plain_arm_elbo_estimate_is_unbiased():
     torch.manual_seed(1)
     sbn = plain_arm.build_plain_sbn([2, 1], x_dim=5)
@@ -145,6 +148,7 @@ def test_plain_view_of_pyro_sbn_computes_the_same_elbo():
     assert {id(p) for p in plain.parameters()} == {id(p) for p in sbn.parameters()}
 
 
+@pytest.mark.slow
 def test_step_time_smoke(tmp_path):
     out, record = run_script(
         "step_time",
@@ -161,6 +165,7 @@ def test_step_time_smoke(tmp_path):
     assert ratios["two_layer/linear/b50/arm_vec"] > 0
 
 
+@pytest.mark.slow
 def test_variance_smoke(tmp_path):
     out, record = run_script(
         "variance",
@@ -175,6 +180,7 @@ def test_variance_smoke(tmp_path):
         assert all(v > 0 for v in record["var_x_ms"][state].values())
 
 
+@pytest.mark.slow
 def test_quality_smoke(tmp_path):
     out, record = run_script(
         "quality", "--quick", "--steps", "5", "--eval-max", "50", tmp_path=tmp_path

@@ -81,6 +81,7 @@ def test_default_run_dir(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "runs" / "two_layer-disarm-s3" / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_interrupt_then_resume_is_exact(tmp_path, capsys):
     common = dict(steps=10, eval_every=2, checkpoint_every=4, eval_k=3, test_size=8, device="cpu")
     straight = tmp_path / "straight"
@@ -114,6 +115,7 @@ def test_interrupt_then_resume_is_exact(tmp_path, capsys):
     assert sa["test_elbo"] == sb["test_elbo"] and sa["test_iwae"] == sb["test_iwae"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("binarization", ["threshold", "dynamic"])
 def test_resume_extends_a_finished_run(tmp_path, capsys, binarization):
     args = ["--estimator", "ar", "--eval-every", "3", "--binarization", binarization, *FAST]
@@ -137,6 +139,7 @@ def test_resume_extends_a_finished_run(tmp_path, capsys, binarization):
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
+@pytest.mark.slow
 def test_vectorized_particles_and_pyro_estimators(tmp_path, capsys):
     for est in ("trace", "tracegraph", "disarm"):
         status, _, err = run_main(
@@ -237,6 +240,7 @@ def test_subprocess_entry_points(tmp_path):
     assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_interrupt_during_validation_falls_back_to_the_last_checkpoint(
     tmp_path, capsys, monkeypatch
 ):
