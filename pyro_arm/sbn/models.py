@@ -5,16 +5,17 @@ Sigmoid belief networks (SBNs) with Bernoulli latent layers, as Pyro model/guide
 The architectures of the ARM paper (Yin & Zhou, 2019; after REBAR, Tucker et al., 2017), with
 200 Bernoulli units per stochastic layer, on 784-pixel binarized MNIST:
 
-============== ================================================================================
-name           structure
-============== ================================================================================
-``linear``     784-200: one stochastic layer, linear (logistic) maps both ways
-``two_layer``  784-200-200: two stochastic layers, linear maps
-``nonlinear``  784-200-200-200: one stochastic layer; each map has two deterministic LeakyReLU
-               layers of 200 units (encoder 784-200-200-200, decoder 200-200-200-784)
-``linear-D1-..-DL``     any depth of linear stochastic layers of the given sizes
-``nonlinear-D1-..-DL``  any depth, each map with two LeakyReLU layers of 200 units
-============== ================================================================================
+======================== ======================================================================
+name                     structure
+======================== ======================================================================
+``linear``               784-200: one stochastic layer, linear (logistic) maps both ways
+``two_layer``            784-200-200: two stochastic layers, linear maps
+``nonlinear``            784-200-200-200: one stochastic layer; each map has two deterministic
+                         LeakyReLU layers of 200 units (encoder 784-200-200-200, decoder
+                         200-200-200-784)
+``linear-D1-..-DL``      any depth of linear stochastic layers of the given sizes
+``nonlinear-D1-..-DL``   any depth, each map with two LeakyReLU layers of 200 units
+======================== ======================================================================
 
 Generative model: ``zL ~ Bernoulli(sigmoid(prior_logits))`` (learnable), then
 ``z_{l-1} | z_l ~ Bernoulli(sigmoid(decoder_l(z_l)))`` down to ``x | z1``. Guide (recognition
