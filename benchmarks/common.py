@@ -267,12 +267,33 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
+def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Prints a ``## title`` heading, then the rows as a markdown table."""
+    print(f"## {title}\n")
+    print(markdown_table(headers, rows))
+    print()
+
+
 def emit_json(record: dict, path: str | None) -> None:
     """Prints ``record`` as one JSON line (and writes it to ``path`` when given)."""
     line = json.dumps(record, sort_keys=True)
     print(line)
     if path:
         Path(path).write_text(line + "\n")
+
+
+def finish(record: dict, benchmark: str, args: argparse.Namespace, **settings) -> dict:
+    """Adds the benchmark's name, settings, device, validation and environment to ``record``,
+    emits it as one JSON line (:func:`emit_json`) and returns it."""
+    record.update(
+        benchmark=benchmark,
+        device=args.device,
+        validation=not args.no_validation,
+        env=environment(),
+        **settings,
+    )
+    emit_json(record, args.json_out)
+    return record
 
 
 def environment() -> dict:

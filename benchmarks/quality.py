@@ -126,17 +126,19 @@ def main(argv=None):
     record["difference"] = {"pairs": diffs, "mean": d_mean, "std": d_std, "se": d_se}
     record["within_2se"] = bool(abs(d_mean) <= 2 * d_se) if len(diffs) > 1 else None
 
-    print(
-        f"\n## Test -ELBO (nats, lower is better), {args.model}, {args.steps} steps of batch "
-        f"{args.batch_size}, lr {args.lr}, seeds {args.seeds} ({args.device})\n"
+    print()
+    common.print_table(
+        f"Test -ELBO (nats, lower is better), {args.model}, {args.steps} steps of batch "
+        f"{args.batch_size}, lr {args.lr}, seeds {args.seeds} ({args.device})",
+        ["contender", "mean", "std over seeds", "s/run"],
+        rows,
     )
-    print(common.markdown_table(["contender", "mean", "std over seeds", "s/run"], rows))
-    print(
-        f"\npaired difference {names[0]} - {names[1]}: {d_mean:+.3f} "
-        f"(std {d_std:.3f}, se {d_se:.3f})\n"
-    )
-    record.update(
-        benchmark="quality",
+    pair = f"{names[0]} - {names[1]}"
+    print(f"paired difference {pair}: {d_mean:+.3f} (std {d_std:.3f}, se {d_se:.3f})\n")
+    return common.finish(
+        record,
+        "quality",
+        args,
         model=args.model,
         steps=args.steps,
         seeds=args.seeds,
@@ -144,11 +146,7 @@ def main(argv=None):
         batch_size=args.batch_size,
         lr=args.lr,
         eval_samples=args.eval_samples,
-        device=args.device,
-        env=common.environment(),
     )
-    common.emit_json(record, args.json_out)
-    return record
 
 
 if __name__ == "__main__":

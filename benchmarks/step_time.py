@@ -135,24 +135,20 @@ def main(argv=None):
     )
     per_step = {k: [t / args.steps for t in v] for k, v in times.items()}
     rows, record = summarize(args, names, per_step)
-    print(
-        f"## Time per training step ({args.clock} clock), "
-        f"median of {args.rounds} interleaved rounds ({args.device})\n"
+    common.print_table(
+        f"Time per training step ({args.clock} clock), "
+        f"median of {args.rounds} interleaved rounds ({args.device})",
+        ["model", "batch", "contender", "ms/step", "x trace_elbo", "x plain (same est.)"],
+        rows,
     )
-    headers = ["model", "batch", "contender", "ms/step", "x trace_elbo", "x plain (same est.)"]
-    print(common.markdown_table(headers, rows))
-    print()
-    record.update(
-        benchmark="step_time",
-        device=args.device,
+    return common.finish(
+        record,
+        "step_time",
+        args,
         rounds=args.rounds,
         clock=args.clock,
         steps_per_round=args.steps,
-        validation=not args.no_validation,
-        env=common.environment(),
     )
-    common.emit_json(record, args.json_out)
-    return record
 
 
 if __name__ == "__main__":

@@ -144,25 +144,20 @@ def main(argv=None):
             record["var_x_ms"][key][n] = var * ms
             rows.append((n, var, var / ref, st.mean_sq_norm(), ms, var * ms))
         steps = 0 if state == "init" else args.train_steps
-        print(
-            f"## {model_name}, {state} ({steps} ARM steps): encoder-gradient variance, "
-            f"batch {args.batch_size}, {args.draws} draws ({args.device})\n"
+        common.print_table(
+            f"{model_name}, {state} ({steps} ARM steps): encoder-gradient variance, "
+            f"batch {args.batch_size}, {args.draws} draws ({args.device})",
+            ["contender", "tr Cov", "x plain_arm", "|mean|^2", "ms/grad", "tr Cov x ms"],
+            rows,
         )
-        headers = ["contender", "tr Cov", "x plain_arm", "|mean|^2", "ms/grad", "tr Cov x ms"]
-        print(common.markdown_table(headers, rows))
-        print()
-
-    record.update(
-        benchmark="variance",
+    return common.finish(
+        record,
+        "variance",
+        args,
         batch_size=args.batch_size,
         draws=args.draws,
         train_steps=args.train_steps,
-        device=args.device,
-        validation=not args.no_validation,
-        env=common.environment(),
     )
-    common.emit_json(record, args.json_out)
-    return record
 
 
 if __name__ == "__main__":
