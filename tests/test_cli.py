@@ -200,12 +200,13 @@ def test_corrupt_data_file(tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
-def test_cuda_absent(tmp_path, capsys):
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_absent(tmp_path, capsys, device):
     status, _, err = run_main(
-        capsys, "--device", "cuda", "--run-dir", str(tmp_path / "r"), "--no-progress"
+        capsys, "--device", device, "--run-dir", str(tmp_path / "r"), "--no-progress"
     )
     assert status == 2
-    assert err.startswith("pyro-arm: error: --device cuda was asked for but CUDA is not available")
+    assert err.startswith(f"pyro-arm: error: --device {device} was asked for but CUDA is not")
     assert "use --device cpu" in err
 
 
