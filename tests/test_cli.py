@@ -231,6 +231,10 @@ def test_subprocess_entry_points(tmp_path):
     assert help_.returncode == 0
     for option in ("--model", "--estimator", "--eval-k", "--resume", "--checkpoint-every"):
         assert option in help_.stdout
+    script = Path(sys.executable).with_name("pyro-arm")  # the console script, when installed
+    if script.is_file():
+        run = subprocess.run([script, "train", "--help"], capture_output=True, text=True, env=env)
+        assert run.returncode == 0 and run.stdout == help_.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "pyro_arm", "train", "--model", "nope", "--run-dir",
          str(tmp_path / "r")],

@@ -109,7 +109,8 @@ def option(
 @dataclass
 class TrainConfig:
     """
-    One training run: the ``pyro-arm train`` options, one per field (see each field's help).
+    One training run: the ``pyro-arm train`` options, one per field (the ``:param:`` lines below
+    are made from each field's help).
 
     The run folder defaults to ``runs/<model>-<estimator>-s<seed>`` (:meth:`resolved_run_dir`).
     """
@@ -176,6 +177,15 @@ class TrainConfig:
             check = field.metadata["check"]
             if check is not None:
                 check(field.name, value)
+
+
+def _document_fields(cls: type) -> None:
+    """Appends a ``:param:`` line per field, from its help, to the class docstring."""
+    lines = [f":param {f.name}: {f.metadata['help']}." for f in dataclasses.fields(cls)]
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    " + "\n    ".join(lines) + "\n"
+
+
+_document_fields(TrainConfig)
 
 
 def resolve_device(name: str) -> torch.device:
