@@ -6,5 +6,6 @@ exact resume (:mod:`~pyro_arm.sbn.train`), test bounds (:mod:`~pyro_arm.sbn.eval
 (:mod:`~pyro_arm.sbn.plots`) and the ``pyro-arm`` command (:mod:`~pyro_arm.sbn.cli`).
 
 Nothing here is imported by :mod:`pyro_arm` itself, so the inference library needs only torch and
-pyro-ppl; numpy, tqdm and matplotlib are imported by these modules only.
+pyro-ppl; matplotlib is imported by :mod:`pyro_arm.sbn.plots` only (numpy and tqdm are
+dependencies of pyro-ppl anyway).
 """
