@@ -1,18 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-Shared pieces of the benchmark scripts: data, models (Pyro and plain), contenders, interleaved
-timing and output.
+Shared pieces of the benchmark scripts: the common options, data batches, the plain view of a
+Pyro SBN, contenders, interleaved timing and output. Run the scripts from the repository root as
+modules (``python -m benchmarks.step_time``).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
 import os
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,24 +21,48 @@ from typing import Callable, Iterable, Sequence
 
 import pyro
 import torch
-from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain_arm import PlainARMStep, PlainSBN, arm_surrogate_loss  # noqa: E402
+from benchmarks.plain_arm import ESTIMATOR_NAMES, PlainARMStep, PlainSBN, arm_surrogate_loss
+from pyro_arm.sbn.elbo import make_elbo
+from pyro_arm.sbn.models import build_sbn, run_map
 
-from pyro_arm import TraceARM_ELBO  # noqa: E402
-from pyro_arm.data import load_mnist  # noqa: E402
-from pyro_arm.models import build_sbn  # noqa: E402
+#: The estimators every contender family implements (the plain step has these three).
+ESTIMATORS = ESTIMATOR_NAMES
 
-ESTIMATORS = ("arm", "disarm", "ar")
+
+# ------------------------------------------------------------------------------------ arguments
+
+
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark script shares; each script adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default 2)")
+    p.add_argument("--data", default="embedded", help="'embedded', 'download' or an IDX folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-validation",
+        action="store_true",
+        help="pyro.enable_validation(False) (Pyro validates by default: support checks cost)",
+    )
+    p.add_argument("--quick", action="store_true", help="a smoke run (see the script's doc)")
+    p.add_argument("--json-out", default=None, help="also write the JSON line to this file")
+    return p
+
+
+def setup(args: argparse.Namespace) -> None:
+    """
+    Threads, Pyro validation, and module-local parameters: each contender's PyroModule keeps
+    its own parameters instead of syncing them with the global param store by name, so that
+    contenders built from the same architecture never share parameters.
+    """
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads or 2)
+    pyro.enable_validation(not args.no_validation)
+    pyro.settings.set(module_local_params=True)
 
 
 # ----------------------------------------------------------------------------------------- data
-
-
-def load_data(source: str = "embedded"):
-    """Binarized MNIST (thresholded) from :func:`pyro_arm.data.load_mnist`."""
-    return load_mnist(source)
 
 
 def train_batches(data, batch_size: int, generator: torch.Generator, device="cpu"):
@@ -57,11 +82,6 @@ def fixed_batch(data, batch_size: int, seed: int = 0, device="cpu") -> torch.Ten
 # --------------------------------------------------------------------------------------- models
 
 
-def build_pyro_sbn(name: str, x_mean: torch.Tensor | None = None):
-    """The Pyro SBN (``.model`` / ``.guide``) called ``name``."""
-    return build_sbn(name, x_mean=x_mean)
-
-
 def plain_from_pyro(sbn) -> PlainSBN:
     """
     A :class:`PlainSBN` sharing the modules and parameters of the Pyro SBN ``sbn``.
@@ -78,7 +98,7 @@ def plain_from_pyro(sbn) -> PlainSBN:
 
 
 class _Map(torch.nn.Module):
-    """One map of :class:`pyro_arm.models.SigmoidBeliefNet`: Linear (LeakyReLU Linear)*."""
+    """One map of :class:`~pyro_arm.sbn.models.SigmoidBeliefNet` as a module (shared layers)."""
 
     def __init__(self, layers: torch.nn.ModuleList, negative_slope: float):
         super().__init__()
@@ -86,11 +106,7 @@ class _Map(torch.nn.Module):
         self.negative_slope = negative_slope
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            if i > 0:
-                h = torch.nn.functional.leaky_relu(h, self.negative_slope)
-            h = layer(h)
-        return h
+        return run_map(self.layers, h, self.negative_slope)
 
 
 def copy_of_plain(sbn) -> PlainSBN:
@@ -104,17 +120,8 @@ def copy_of_plain(sbn) -> PlainSBN:
 
 def pyro_loss(kind: str, num_particles: int = 1):
     """A Pyro ELBO: ``trace_elbo``, ``tracegraph_elbo``, ``<estimator>_seq`` or ``_vec``."""
-    if kind == "trace_elbo":
-        return Trace_ELBO(num_particles=num_particles, max_plate_nesting=1)
-    if kind == "tracegraph_elbo":
-        return TraceGraph_ELBO(num_particles=num_particles, max_plate_nesting=1)
-    estimator, mode = kind.rsplit("_", 1)
-    return TraceARM_ELBO(
-        num_particles=num_particles,
-        max_plate_nesting=1,
-        vectorize_particles=(mode == "vec"),
-        estimator=estimator,
-    )
+    name, mode = kind.rsplit("_", 1)
+    return make_elbo(name, num_particles, vectorize=(mode == "vec"))
 
 
 def available_contenders(include_plain: bool = True) -> list[str]:
@@ -147,6 +154,8 @@ def make_contender(
     Every contender steps ``torch.optim.Adam``: Pyro ones after ``loss.loss_and_grads``, plain ones
     in :class:`PlainARMStep`.
     ``grad_only(x)`` leaves the gradient in ``.grad`` without stepping (for variance).
+    Contenders share no parameters once :func:`setup` has made PyroModule parameters
+    module-local.
     """
     torch.manual_seed(seed)
     if name.startswith("plain_"):
@@ -154,7 +163,7 @@ def make_contender(
         plain = (
             copy_of_plain(init)
             if init is not None
-            else copy_of_plain(build_pyro_sbn(model_name, x_mean))
+            else copy_of_plain(build_sbn(model_name, x_mean))
         )
         plain.to(device)
         step = PlainARMStep(plain, torch.optim.Adam(plain.parameters(), lr=lr), estimator)
@@ -165,46 +174,26 @@ def make_contender(
 
         return Contender(name, plain, step, lambda: plain.named_parameters(), grad_only)
 
-    sbn = build_pyro_sbn(model_name, x_mean)
+    sbn = build_sbn(model_name, x_mean)
     if init is not None:
         sbn.load_state_dict(init.state_dict())
     sbn.to(device)
     loss = pyro_loss(name)
-    # Each contender keeps its own param store contents so that contenders never share
-    # parameters (PyroModule and pyro.module sync with the global store by name).
-    store = {"_params": {}, "_constraints": {}, "_param_to_name": {}}
     # The same optimizer as the plain contenders (and as `pyro-arm train`), so that ratios compare
     # the gradient computations; SVI with pyro.optim adds the same per-parameter overhead to
     # every Pyro ELBO.
     optim = torch.optim.Adam(sbn.parameters(), lr=lr)
 
-    def run(fn):
-        glob = pyro.get_param_store()
-        saved = {k: getattr(glob, k) for k in store}
-        for k, v in store.items():
-            setattr(glob, k, v)
-        try:
-            return fn()
-        finally:
-            for k, v in saved.items():
-                setattr(glob, k, v)
-
-    def train_step(x):
+    def step(x):
         optim.zero_grad(set_to_none=True)
         value = loss.loss_and_grads(sbn.model, sbn.guide, x)
         optim.step()
         return value
 
-    def step(x):
-        return run(lambda: train_step(x))
-
     def grad_only(x):
-        def go():
-            for p in sbn.parameters():
-                p.grad = None
-            loss.loss_and_grads(sbn.model, sbn.guide, x)
-
-        run(go)
+        for p in sbn.parameters():
+            p.grad = None
+        loss.loss_and_grads(sbn.model, sbn.guide, x)
 
     return Contender(name, sbn, step, lambda: sbn.named_parameters(), grad_only)
 
@@ -256,11 +245,6 @@ def median_ratio(num: Sequence[float], den: Sequence[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
-def set_threads(threads: int | None, device: str) -> None:
-    if device == "cpu":
-        torch.set_num_threads(threads or 2)
-
-
 def device_sync(device: str) -> Callable[[], None]:
     if str(device).startswith("cuda"):
         return torch.cuda.synchronize
@@ -283,12 +267,33 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
+def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Prints a ``## title`` heading, then the rows as a markdown table."""
+    print(f"## {title}\n")
+    print(markdown_table(headers, rows))
+    print()
+
+
 def emit_json(record: dict, path: str | None) -> None:
     """Prints ``record`` as one JSON line (and writes it to ``path`` when given)."""
     line = json.dumps(record, sort_keys=True)
     print(line)
     if path:
         Path(path).write_text(line + "\n")
+
+
+def finish(record: dict, benchmark: str, args: argparse.Namespace, **settings) -> dict:
+    """Adds the benchmark's name, settings, device, validation and environment to ``record``,
+    emits it as one JSON line (:func:`emit_json`) and returns it."""
+    record.update(
+        benchmark=benchmark,
+        device=args.device,
+        validation=not args.no_validation,
+        env=environment(),
+        **settings,
+    )
+    emit_json(record, args.json_out)
+    return record
 
 
 def environment() -> dict:

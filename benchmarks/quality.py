@@ -11,24 +11,26 @@ same code (a Monte Carlo ELBO on the test split, the same evaluation seed). The 
 per contender, the mean and standard deviation over seeds, and the paired difference with its
 standard error: agreement means a difference within seed noise.
 
-    python benchmarks/quality.py
+    python -m benchmarks.quality
 
 Prints a markdown table and one JSON line (``--json-out`` writes it too).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
 
-import common
 import torch
+
+from benchmarks import common
+from pyro_arm.sbn.data import load_mnist
+from pyro_arm.sbn.models import build_sbn
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.base_parser(__doc__)
     p.add_argument("--model", default="linear")
     p.add_argument("--steps", type=int, default=3000, help="Adam steps per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -38,22 +40,14 @@ def parse_args(argv=None):
     p.add_argument("--pyro", default="vec", choices=["vec", "seq"], help="TraceARM_ELBO mode")
     p.add_argument("--eval-samples", type=int, default=10, help="ELBO samples per test image")
     p.add_argument("--eval-max", type=int, default=None, help="evaluate on the first N images")
-    p.add_argument("--data", default="embedded", help="'embedded', 'download' or an IDX folder")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default 2)")
-    p.add_argument("--rounds", type=int, default=None, help="alias of --steps")
     p.add_argument(
         "--common-draws",
         action="store_true",
         help="give both contenders the same global RNG stream (by default independent): their\n"
         "trajectories then differ only by rounding",
     )
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, 500 test images")
-    p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    if args.rounds is not None:
-        args.steps = args.rounds
-    if args.quick:
+    if args.quick:  # 2 seeds, 2 samples per image, 500 test images
         args.seeds, args.eval_samples = args.seeds[:2], 2
         args.eval_max = args.eval_max or 500
     return args
@@ -81,7 +75,7 @@ def run(name, args, data, x_mean, seed, draw_seed):
     own random draws from ``draw_seed``; returns (test -ELBO, seconds).
     """
     torch.manual_seed(seed)
-    init = common.build_pyro_sbn(args.model, x_mean)
+    init = build_sbn(args.model, x_mean)
     c = common.make_contender(
         name, args.model, x_mean, lr=args.lr, seed=seed, device=args.device, init=init
     )
@@ -106,8 +100,8 @@ def summary(values):
 
 def main(argv=None):
     args = parse_args(argv)
-    common.set_threads(args.threads, args.device)
-    data = common.load_data(args.data)
+    common.setup(args)
+    data = load_mnist(args.data)
     x_mean = data.train.mean(0)
     names = [f"{args.estimator}_{args.pyro}", f"plain_{args.estimator}"]
     scores = {n: [] for n in names}
@@ -132,17 +126,19 @@ def main(argv=None):
     record["difference"] = {"pairs": diffs, "mean": d_mean, "std": d_std, "se": d_se}
     record["within_2se"] = bool(abs(d_mean) <= 2 * d_se) if len(diffs) > 1 else None
 
-    print(
-        f"\n## Test -ELBO (nats, lower is better), {args.model}, {args.steps} steps of batch "
-        f"{args.batch_size}, lr {args.lr}, seeds {args.seeds} ({args.device})\n"
+    print()
+    common.print_table(
+        f"Test -ELBO (nats, lower is better), {args.model}, {args.steps} steps of batch "
+        f"{args.batch_size}, lr {args.lr}, seeds {args.seeds} ({args.device})",
+        ["contender", "mean", "std over seeds", "s/run"],
+        rows,
     )
-    print(common.markdown_table(["contender", "mean", "std over seeds", "s/run"], rows))
-    print(
-        f"\npaired difference {names[0]} - {names[1]}: {d_mean:+.3f} "
-        f"(std {d_std:.3f}, se {d_se:.3f})\n"
-    )
-    record.update(
-        benchmark="quality",
+    pair = f"{names[0]} - {names[1]}"
+    print(f"paired difference {pair}: {d_mean:+.3f} (std {d_std:.3f}, se {d_se:.3f})\n")
+    return common.finish(
+        record,
+        "quality",
+        args,
         model=args.model,
         steps=args.steps,
         seeds=args.seeds,
@@ -150,11 +146,7 @@ def main(argv=None):
         batch_size=args.batch_size,
         lr=args.lr,
         eval_samples=args.eval_samples,
-        device=args.device,
-        env=common.environment(),
     )
-    common.emit_json(record, args.json_out)
-    return record
 
 
 if __name__ == "__main__":

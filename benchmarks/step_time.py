@@ -8,21 +8,21 @@ Every (model, batch size, contender) runs in this one process, interleaved round
 fresh random order, so that load on a shared machine hits all alike; the script reports the median
 time per step and medians of per-round ratios.
 
-    python benchmarks/step_time.py                       # CPU, 2 threads
-    python benchmarks/step_time.py --device cuda          # on a GPU
+    python -m benchmarks.step_time                       # CPU, 2 threads
+    python -m benchmarks.step_time --device cuda          # on a GPU
 
 Prints a markdown table and one JSON line (``--json-out`` also writes it to a file).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import statistics
 
-import common
-import pyro
 import torch
+
+from benchmarks import common
+from pyro_arm.sbn.data import load_mnist
 
 KEY_RATIOS = {  # name in the JSON -> (numerator, denominator), same (model, batch)
     "arm_vectorized/trace_elbo": ("arm_vec", "trace_elbo"),
@@ -37,34 +37,23 @@ KEY_RATIOS = {  # name in the JSON -> (numerator, denominator), same (model, bat
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.base_parser(__doc__)
     p.add_argument("--rounds", type=int, default=30, help="timed rounds (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
     p.add_argument("--steps", type=int, default=2, help="steps per contender per round")
     p.add_argument("--models", nargs="+", default=["linear", "two_layer"])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[50, 500])
     p.add_argument("--contenders", nargs="+", default=None, help="default: all available")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default 2)")
-    p.add_argument(
-        "--no-validation",
-        action="store_true",
-        help="pyro.enable_validation(False) (Pyro validates by default: support checks cost)",
-    )
     p.add_argument(
         "--clock",
         choices=["wall", "cpu"],
         default="wall",
         help="wall time (default) or this process's CPU time, steadier on a busy machine",
     )
-    p.add_argument("--data", default="embedded", help="MNIST source for pyro_arm.data.load_mnist")
-    p.add_argument("--quick", action="store_true", help="smoke run: batch 50, 1 warmup, 1 step")
-    p.add_argument("--json-out", default=None)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.clock == "cpu" and args.device != "cpu":
         p.error("--clock cpu times the host only; use the wall clock on a GPU")
-    if args.quick:
+    if args.quick:  # batch 50, 1 warmup round, 1 step
         args.batch_sizes, args.warmup, args.steps = [min(args.batch_sizes)], 1, 1
     return args
 
@@ -88,13 +77,10 @@ def plain_reference(name: str) -> str:
     return name if name.startswith("plain_") else "plain_arm"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    common.set_threads(args.threads, args.device)
-    pyro.enable_validation(not args.no_validation)
-    data = common.load_data(args.data)
+def build_runners(args, names: list[str]) -> dict:
+    """``{(model, batch, contender): run}`` on 8 real training batches per (model, batch)."""
+    data = load_mnist(args.data)
     x_mean = data.train.mean(0)
-    names = args.contenders or common.available_contenders()
     runners = {}
     for model, batch in itertools.product(args.models, args.batch_sizes):
         gen = torch.Generator().manual_seed(args.seed)
@@ -104,12 +90,11 @@ def main(argv=None):
         for name in names:
             c = common.make_contender(name, model, x_mean, seed=args.seed, device=args.device)
             runners[(model, batch, name)] = make_runner(c, batches, args.steps)
+    return runners
 
-    times = common.interleaved_times(
-        runners, args.rounds, args.warmup, common.device_sync(args.device), args.seed, args.clock
-    )
-    per_step = {k: [t / args.steps for t in v] for k, v in times.items()}
 
+def summarize(args, names: list[str], per_step: dict) -> tuple[list[tuple], dict]:
+    """The table rows and the ``ms_per_step`` / ``ratios`` record of the per-step times."""
     rows, record = [], {"ms_per_step": {}, "ratios": {}}
     for model, batch in itertools.product(args.models, args.batch_sizes):
         group = f"{model}/b{batch}"
@@ -137,29 +122,33 @@ def main(argv=None):
                 record["ratios"][f"two_layer/linear/b{batch}/{name}"] = common.median_ratio(
                     per_step[("two_layer", batch, name)], per_step[("linear", batch, name)]
                 )
+    return rows, record
 
-    print(
-        f"## Time per training step ({args.clock} clock), "
-        f"median of {args.rounds} interleaved rounds "
-        f"({args.device})\n"
+
+def main(argv=None):
+    args = parse_args(argv)
+    common.setup(args)
+    names = args.contenders or common.available_contenders()
+    runners = build_runners(args, names)
+    times = common.interleaved_times(
+        runners, args.rounds, args.warmup, common.device_sync(args.device), args.seed, args.clock
     )
-    print(
-        common.markdown_table(
-            ["model", "batch", "contender", "ms/step", "x trace_elbo", "x plain (same est.)"], rows
-        )
+    per_step = {k: [t / args.steps for t in v] for k, v in times.items()}
+    rows, record = summarize(args, names, per_step)
+    common.print_table(
+        f"Time per training step ({args.clock} clock), "
+        f"median of {args.rounds} interleaved rounds ({args.device})",
+        ["model", "batch", "contender", "ms/step", "x trace_elbo", "x plain (same est.)"],
+        rows,
     )
-    print()
-    record.update(
-        benchmark="step_time",
-        device=args.device,
+    return common.finish(
+        record,
+        "step_time",
+        args,
         rounds=args.rounds,
         clock=args.clock,
         steps_per_round=args.steps,
-        validation=not args.no_validation,
-        env=common.environment(),
     )
-    common.emit_json(record, args.json_out)
-    return record
 
 
 if __name__ == "__main__":

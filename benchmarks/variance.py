@@ -10,47 +10,34 @@ encoder (guide) parameters, the squared norm of their mean, the median time of o
 (forward + backward) and variance x time (the variance at equal compute). It does so at
 initialisation and after ``--train-steps`` Adam steps of vectorized ARM.
 
-    python benchmarks/variance.py
+    python -m benchmarks.variance
 
 Prints a markdown table per model and state, and one JSON line (``--json-out`` writes it too).
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import statistics
 import time
 
-import common
-import pyro
 import torch
+
+from benchmarks import common
+from pyro_arm.sbn.data import load_mnist
+from pyro_arm.sbn.models import build_sbn
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = common.base_parser(__doc__)
     p.add_argument("--models", nargs="+", default=["linear", "two_layer"])
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--draws", type=int, default=200, help="gradients per contender and state")
-    p.add_argument("--rounds", type=int, default=None, help="alias of --draws")
     p.add_argument("--train-steps", type=int, default=1000, help="ARM steps before 'trained'")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--contenders", nargs="+", default=None, help="default: all available")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default 2)")
-    p.add_argument(
-        "--no-validation",
-        action="store_true",
-        help="pyro.enable_validation(False) (Pyro validates by default: support checks cost)",
-    )
-    p.add_argument("--data", default="embedded")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="smoke run: linear only, 20 train steps")
-    p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    if args.rounds is not None:
-        args.draws = args.rounds
-    if args.quick:
+    if args.quick:  # the first model only, at most 20 train steps
         args.models, args.train_steps = args.models[:1], min(args.train_steps, 20)
     return args
 
@@ -122,10 +109,9 @@ def train(model_name, x_mean, data, steps, lr, seed, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    common.set_threads(args.threads, args.device)
-    pyro.enable_validation(not args.no_validation)
+    common.setup(args)
     sync = common.device_sync(args.device)
-    data = common.load_data(args.data)
+    data = load_mnist(args.data)
     x_mean = data.train.mean(0)
     x = common.fixed_batch(data, args.batch_size, args.seed, args.device)
     names = args.contenders or common.available_contenders()
@@ -133,7 +119,7 @@ def main(argv=None):
 
     for model_name, state in itertools.product(args.models, ("init", "trained")):
         torch.manual_seed(args.seed)
-        init = common.build_pyro_sbn(model_name, x_mean)
+        init = build_sbn(model_name, x_mean)
         if state == "trained":
             init = train(
                 model_name, x_mean, data, args.train_steps, args.lr, args.seed, args.device
@@ -158,25 +144,20 @@ def main(argv=None):
             record["var_x_ms"][key][n] = var * ms
             rows.append((n, var, var / ref, st.mean_sq_norm(), ms, var * ms))
         steps = 0 if state == "init" else args.train_steps
-        print(
-            f"## {model_name}, {state} ({steps} ARM steps): encoder-gradient variance, "
-            f"batch {args.batch_size}, {args.draws} draws ({args.device})\n"
+        common.print_table(
+            f"{model_name}, {state} ({steps} ARM steps): encoder-gradient variance, "
+            f"batch {args.batch_size}, {args.draws} draws ({args.device})",
+            ["contender", "tr Cov", "x plain_arm", "|mean|^2", "ms/grad", "tr Cov x ms"],
+            rows,
         )
-        headers = ["contender", "tr Cov", "x plain_arm", "|mean|^2", "ms/grad", "tr Cov x ms"]
-        print(common.markdown_table(headers, rows))
-        print()
-
-    record.update(
-        benchmark="variance",
+    return common.finish(
+        record,
+        "variance",
+        args,
         batch_size=args.batch_size,
         draws=args.draws,
         train_steps=args.train_steps,
-        device=args.device,
-        validation=not args.no_validation,
-        env=common.environment(),
     )
-    common.emit_json(record, args.json_out)
-    return record
 
 
 if __name__ == "__main__":

@@ -1,36 +1,30 @@
 #!/usr/bin/env python
 # SPDX-License-Identifier: Apache-2.0
 """
-Regenerates ``pyro_arm/datasets/mnist_subset.npz``, the embedded MNIST subset.
+Regenerates ``pyro_arm/sbn/datasets/mnist_subset.npz``, the embedded MNIST subset.
 
 Usage::
 
     python scripts/make_embedded_mnist.py [--source ../shared/data/mnist] [--out PATH]
 
 ``--source`` is a folder with the four standard MNIST IDX files (raw or ``.gz``), or ``download``.
-The rule (which images, 4-bit packing) is :data:`pyro_arm.data.EMBEDDED_RULE` and
-:func:`pyro_arm.data.make_embedded_arrays`; the output is deterministic (fixed zip timestamps).
+The rule (which images, 4-bit packing) is :data:`pyro_arm.sbn.data.EMBEDDED_RULE` and
+:func:`pyro_arm.sbn.data.make_embedded_arrays`; the output is deterministic (fixed zip timestamps).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pyro_arm.sbn.data import EMBEDDED_PATH, download_mnist, make_embedded_arrays, read_idx_folder
+from pyro_arm.sbn.files import atomic_write_bytes
 
-from pyro_arm.data import (  # noqa: E402
-    EMBEDDED_PATH,
-    download_mnist,
-    make_embedded_arrays,
-    read_idx_folder,
-)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -45,9 +39,7 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
             info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, member.getvalue(), compresslevel=9)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def main(argv=None) -> None:

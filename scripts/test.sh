@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a virtual environment (CPU torch first, then the project) and run lint + tests.
+# Set up a virtual environment (CPU torch first, then the project) and run lint, tests and the
+# docs build (warnings are errors). Extra arguments go to pytest (e.g. -m "not slow").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -7,7 +8,8 @@ VENV=${VENV:-.venv}
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,docs]"
 ruff check .
 ruff format --check .
 CI=1 python -m pytest -q -x "$@"
+sphinx-build -W --keep-going -q -b html docs docs/_build/html

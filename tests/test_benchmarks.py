@@ -6,7 +6,6 @@ every script with tiny settings.
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from benchmarks import plain_arm
+from benchmarks.common import plain_from_pyro
+from pyro_arm.sbn.models import build_sbn
 
-import plain_arm  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def exact_elbo_grads(sbn, x):
@@ -51,6 +50,7 @@ def monte_carlo_grads(sbn, x, estimator, chunks=20, draws=20000):
     return g.mean(0), g.std(0) / chunks**0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layers", [[3], [2, 1]], ids=["linear", "two_layer"])
 @pytest.mark.parametrize("estimator", plain_arm.ESTIMATOR_NAMES)
 def test_plain_arm_matches_exact_gradient(layers, estimator):
@@ -66,6 +66,7 @@ def test_plain_arm_matches_exact_gradient(layers, estimator):
     assert z.max() < 5.0, (z.max(), mean, exact)
 
 
+@pytest.mark.slow
 def test_plain_arm_catches_a_wrong_branch():
     """Control: branches that do not recompute the layers above are detectably biased."""
     torch.manual_seed(0)
@@ -91,6 +92,7 @@ def test_plain_arm_catches_a_wrong_branch():
     assert ((mean - exact).abs() / (se + 1e-6)).max() > 10.0
 
 
+@pytest.mark.slow
 def test_plain_arm_elbo_estimate_is_unbiased():
     torch.manual_seed(1)
     sbn = plain_arm.build_plain_sbn([2, 1], x_dim=5)
@@ -112,14 +114,12 @@ def test_plain_arm_step_trains():
 
 def run_script(name, *args, tmp_path):
     out = tmp_path / f"{name}.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, str(BENCH / f"{name}.py"), *args, "--json-out", str(out)],
+        [sys.executable, "-m", f"benchmarks.{name}", *args, "--json-out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
         cwd=ROOT,
-        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
@@ -128,9 +128,6 @@ def run_script(name, *args, tmp_path):
 def test_plain_view_of_pyro_sbn_computes_the_same_elbo():
     """The plain view shares the Pyro SBN's parameters and gives the same log-densities."""
     import pyro.poutine as poutine
-    from common import plain_from_pyro
-
-    from pyro_arm.models import build_sbn
 
     sbn = build_sbn("nonlinear-6-4", x_mean=torch.full((784,), 0.2))
     x = (torch.rand(7, 784) < 0.2).float()
@@ -151,6 +148,7 @@ def test_plain_view_of_pyro_sbn_computes_the_same_elbo():
     assert {id(p) for p in plain.parameters()} == {id(p) for p in sbn.parameters()}
 
 
+@pytest.mark.slow
 def test_step_time_smoke(tmp_path):
     out, record = run_script(
         "step_time",
@@ -167,6 +165,7 @@ def test_step_time_smoke(tmp_path):
     assert ratios["two_layer/linear/b50/arm_vec"] > 0
 
 
+@pytest.mark.slow
 def test_variance_smoke(tmp_path):
     out, record = run_script(
         "variance",
@@ -181,6 +180,7 @@ def test_variance_smoke(tmp_path):
         assert all(v > 0 for v in record["var_x_ms"][state].values())
 
 
+@pytest.mark.slow
 def test_quality_smoke(tmp_path):
     out, record = run_script(
         "quality", "--quick", "--steps", "5", "--eval-max", "50", tmp_path=tmp_path

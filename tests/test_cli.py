@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_arm.cli import main
-from pyro_arm.train import TrainConfig, TrainingInterrupted, load_checkpoint, train
+from pyro_arm.sbn.checkpoint import load_checkpoint
+from pyro_arm.sbn.cli import main
+from pyro_arm.sbn.config import TrainConfig
+from pyro_arm.sbn.train import TrainingInterrupted, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # few steps, a cheap final evaluation
@@ -79,6 +81,7 @@ def test_default_run_dir(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "runs" / "two_layer-disarm-s3" / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_interrupt_then_resume_is_exact(tmp_path, capsys):
     common = dict(steps=10, eval_every=2, checkpoint_every=4, eval_k=3, test_size=8, device="cpu")
     straight = tmp_path / "straight"
@@ -112,6 +115,7 @@ def test_interrupt_then_resume_is_exact(tmp_path, capsys):
     assert sa["test_elbo"] == sb["test_elbo"] and sa["test_iwae"] == sb["test_iwae"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("binarization", ["threshold", "dynamic"])
 def test_resume_extends_a_finished_run(tmp_path, capsys, binarization):
     args = ["--estimator", "ar", "--eval-every", "3", "--binarization", binarization, *FAST]
@@ -135,6 +139,7 @@ def test_resume_extends_a_finished_run(tmp_path, capsys, binarization):
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
+@pytest.mark.slow
 def test_vectorized_particles_and_pyro_estimators(tmp_path, capsys):
     for est in ("trace", "tracegraph", "disarm"):
         status, _, err = run_main(
@@ -195,12 +200,13 @@ def test_corrupt_data_file(tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
-def test_cuda_absent(tmp_path, capsys):
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_absent(tmp_path, capsys, device):
     status, _, err = run_main(
-        capsys, "--device", "cuda", "--run-dir", str(tmp_path / "r"), "--no-progress"
+        capsys, "--device", device, "--run-dir", str(tmp_path / "r"), "--no-progress"
     )
     assert status == 2
-    assert err.startswith("pyro-arm: error: --device cuda was asked for but CUDA is not available")
+    assert err.startswith(f"pyro-arm: error: --device {device} was asked for but CUDA is not")
     assert "use --device cpu" in err
 
 
@@ -225,6 +231,10 @@ def test_subprocess_entry_points(tmp_path):
     assert help_.returncode == 0
     for option in ("--model", "--estimator", "--eval-k", "--resume", "--checkpoint-every"):
         assert option in help_.stdout
+    script = Path(sys.executable).with_name("pyro-arm")  # the console script, when installed
+    if script.is_file():
+        run = subprocess.run([script, "train", "--help"], capture_output=True, text=True, env=env)
+        assert run.returncode == 0 and run.stdout == help_.stdout
     bad = subprocess.run(
         [sys.executable, "-m", "pyro_arm", "train", "--model", "nope", "--run-dir",
          str(tmp_path / "r")],
@@ -235,6 +245,7 @@ def test_subprocess_entry_points(tmp_path):
     assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_interrupt_during_validation_falls_back_to_the_last_checkpoint(
     tmp_path, capsys, monkeypatch
 ):
@@ -242,7 +253,7 @@ def test_interrupt_during_validation_falls_back_to_the_last_checkpoint(
     straight = tmp_path / "straight"
     train(TrainConfig(run_dir=str(straight), **common), progress=False, log=lambda _: None)
 
-    import pyro_arm.train as train_module
+    import pyro_arm.sbn.train as train_module
 
     real = train_module._evaluate_valid
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_arm import data
-from pyro_arm.data import (
+from pyro_arm.sbn import data
+from pyro_arm.sbn.data import (
     EMBEDDED_PATH,
     DataError,
     MNISTData,

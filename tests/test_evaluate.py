@@ -9,14 +9,14 @@ import pyro.poutine as poutine
 import pytest
 import torch
 
-from pyro_arm.evaluate import (
+from pyro_arm.sbn.evaluate import (
     evaluate_sbn,
     iw_log_likelihoods,
     log_weights,
     negative_elbo,
     negative_iw_bound,
 )
-from pyro_arm.models import SigmoidBeliefNet, build_sbn
+from pyro_arm.sbn.models import SigmoidBeliefNet, build_sbn
 
 
 def tiny_sbn(latent_dims, hidden_dims=()):

@@ -10,7 +10,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
 from pyro_arm import TraceARM_ELBO
-from pyro_arm.models import ARCHITECTURES, SigmoidBeliefNet, build_sbn, parse_architecture
+from pyro_arm.sbn.models import ARCHITECTURES, SigmoidBeliefNet, build_sbn, parse_architecture
 
 NAMES = ["linear", "two_layer", "nonlinear", "linear-200-200-200"]
 

@@ -53,6 +53,7 @@ def decrease(losses, k=20):
     return first, last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "estimator,vectorize,num_particles",
     [("arm", False, 1), ("disarm", True, 4), ("ar", True, 4)],
@@ -71,6 +72,7 @@ def test_svi_trains_sbn(estimator, vectorize, num_particles):
     assert last < first - 0.15 * abs(first), (first, last)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["module", "differentiable_loss"])
 def test_torch_optimizer_trains_sbn(how):
     data = synthetic_data()

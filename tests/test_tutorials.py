@@ -22,6 +22,7 @@ def test_notebooks_are_listed():
     assert sorted(NOTEBOOKS) == sorted(p.name for p in TUTORIALS.glob("*.ipynb"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_in_smoke_mode(name, monkeypatch):
     path = TUTORIALS / name

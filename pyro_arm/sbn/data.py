@@ -5,7 +5,7 @@ Binarized MNIST for sigmoid belief networks: readers, a checked download and an 
 Three sources, one API (:func:`load_mnist` returns an :class:`MNISTData`):
 
 - ``"embedded"`` (the default): a 14,000-image subset shipped in the package as
-  ``pyro_arm/datasets/mnist_subset.npz`` (about 1.3 MB), so that everything runs offline.
+  ``pyro_arm/sbn/datasets/mnist_subset.npz`` (about 1.3 MB), so that everything runs offline.
   The exact rule (see ``scripts/make_embedded_mnist.py``, which regenerates it bit for bit):
 
   * ``train``: training images 0 .. 9,999 (the first 10,000 of the 60,000);
@@ -43,7 +43,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -54,6 +53,8 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 from torch import Tensor
+
+from pyro_arm.sbn.files import atomic_write_bytes
 
 #: The splits of an :class:`MNISTData`.
 SPLITS = ("train", "valid", "test")
@@ -197,21 +198,6 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _cached_ok(path: Path, md5: str) -> bool:
     try:
         with gzip.open(path, "rb") as f:
@@ -258,7 +244,7 @@ def download_mnist(
             if _md5(content) != md5:
                 errors.append(f"{url}: checksum mismatch (MD5 {_md5(content)}, expected {md5})")
                 continue
-            _atomic_write(target, payload)
+            atomic_write_bytes(target, payload)
             break
         else:
             raise DataError(
@@ -462,10 +448,6 @@ def load_mnist(
     :param cache_dir: where ``"download"`` keeps the files (default :func:`default_cache_dir`).
     :raises DataError: with a message saying what to do, on any problem with the data.
     """
-    if binarization not in BINARIZATIONS:
-        raise DataError(
-            f"unknown binarization {binarization!r}; expected one of {', '.join(BINARIZATIONS)}"
-        )
     if isinstance(source, str) and source == "embedded":
         embedded = read_embedded()
         images = {s: embedded[s][0] for s in SPLITS}

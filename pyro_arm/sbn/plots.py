@@ -18,12 +18,12 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pyro_arm.sbn.files import atomic_write
+
 
 def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def plot_learning_curves(rows: Sequence[dict], path: Path, title: str = "") -> None:

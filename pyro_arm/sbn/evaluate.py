@@ -152,7 +152,7 @@ def evaluate_sbn(
     chunk_size: int = 100,
 ) -> dict:
     """
-    The test numbers of the ARM paper for a :class:`~pyro_arm.models.SigmoidBeliefNet`.
+    The test numbers of the ARM paper for a :class:`~pyro_arm.sbn.models.SigmoidBeliefNet`.
 
     :param x: binarized data ``(N, 784)`` on the model's device.
     :param k: samples of the importance-weighted bound.

@@ -5,16 +5,17 @@ Sigmoid belief networks (SBNs) with Bernoulli latent layers, as Pyro model/guide
 The architectures of the ARM paper (Yin & Zhou, 2019; after REBAR, Tucker et al., 2017), with
 200 Bernoulli units per stochastic layer, on 784-pixel binarized MNIST:
 
-============== ================================================================================
-name           structure
-============== ================================================================================
-``linear``     784-200: one stochastic layer, linear (logistic) maps both ways
-``two_layer``  784-200-200: two stochastic layers, linear maps
-``nonlinear``  784-200-200-200: one stochastic layer; each map has two deterministic LeakyReLU
-               layers of 200 units (encoder 784-200-200-200, decoder 200-200-200-784)
-``linear-D1-..-DL``     any depth of linear stochastic layers of the given sizes
-``nonlinear-D1-..-DL``  any depth, each map with two LeakyReLU layers of 200 units
-============== ================================================================================
+======================== ======================================================================
+name                     structure
+======================== ======================================================================
+``linear``               784-200: one stochastic layer, linear (logistic) maps both ways
+``two_layer``            784-200-200: two stochastic layers, linear maps
+``nonlinear``            784-200-200-200: one stochastic layer; each map has two deterministic
+                         LeakyReLU layers of 200 units (encoder 784-200-200-200, decoder
+                         200-200-200-784)
+``linear-D1-..-DL``      any depth of linear stochastic layers of the given sizes
+``nonlinear-D1-..-DL``   any depth, each map with two LeakyReLU layers of 200 units
+======================== ======================================================================
 
 Generative model: ``zL ~ Bernoulli(sigmoid(prior_logits))`` (learnable), then
 ``z_{l-1} | z_l ~ Bernoulli(sigmoid(decoder_l(z_l)))`` down to ``x | z1``. Guide (recognition
@@ -76,6 +77,18 @@ def parse_architecture(name: str) -> tuple[bool, tuple[int, ...]]:
 
 def _mlp(sizes: Sequence[int]) -> nn.ModuleList:
     return nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def run_map(layers: Sequence[nn.Module], h: Tensor, negative_slope: float) -> Tensor:
+    """
+    One map between stochastic layers: ``Linear (LeakyReLU Linear)*``. ``nn.Linear`` broadcasts
+    over leading dims, so ``h`` may carry particle or branch dims.
+    """
+    for i, layer in enumerate(layers):
+        if i > 0:
+            h = F.leaky_relu(h, negative_slope)
+        h = layer(h)
+    return h
 
 
 class SigmoidBeliefNet(PyroModule):
@@ -144,21 +157,13 @@ class SigmoidBeliefNet(PyroModule):
         with torch.no_grad():
             layer.bias.copy_(torch.logit(x_mean.clamp(1e-3, 1 - 1e-3)))
 
-    def _run_map(self, layers: nn.ModuleList, h: Tensor) -> Tensor:
-        # Each map: Linear (LeakyReLU Linear)*; nn.Linear broadcasts over leading dims.
-        for i, layer in enumerate(layers):
-            if i > 0:
-                h = F.leaky_relu(h, self.negative_slope)
-            h = layer(h)
-        return h
-
     def encode(self, level: int, h: Tensor) -> Tensor:
         """Logits of ``z_{level+1}`` given ``h`` (``x`` for level 0, else ``z_level``)."""
-        return self._run_map(self.encoders[level], h)
+        return run_map(self.encoders[level], h, self.negative_slope)
 
     def decode(self, level: int, z: Tensor) -> Tensor:
         """Logits of the layer below ``z_{level+1}`` (``x`` for level 0) given it."""
-        return self._run_map(self.decoders[level], z)
+        return run_map(self.decoders[level], z, self.negative_slope)
 
     @pyro_method
     def model(self, x: Tensor) -> Tensor:

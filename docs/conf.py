@@ -1,0 +1,45 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Sphinx configuration of the pyro-arm docs (``sphinx-build -W -b html docs docs/_build/html``)."""
+
+import shutil
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+ROOT = DOCS.parent
+sys.path.insert(0, str(ROOT))  # document the checkout, installed or not
+
+import pyro_arm  # noqa: E402
+
+project = "pyro-arm"
+author = "pyro-arm contributors"
+copyright = "pyro-arm contributors, Apache-2.0"
+version = release = pyro_arm.__version__
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "myst_nb",
+]
+
+# The tutorials are rendered from the outputs committed in tutorials/*.ipynb, never executed.
+# Sphinx reads sources under docs/ only, so they are copied into docs/tutorials/ (git-ignored).
+nb_execution_mode = "off"
+_TUTORIALS = DOCS / "tutorials"
+_TUTORIALS.mkdir(exist_ok=True)
+for _nb in sorted((ROOT / "tutorials").glob("*.ipynb")):
+    shutil.copy2(_nb, _TUTORIALS / _nb.name)  # keeps the mtime: unchanged files are not re-read
+myst_enable_extensions = ["dollarmath", "amsmath"]
+
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+master_doc = "index"
+exclude_patterns = ["_build", "**.ipynb_checkpoints"]
+
+autodoc_member_order = "bysource"
+autodoc_default_options = {"members": True, "show-inheritance": True}
+autodoc_typehints = "description"
+add_module_names = False
+
+html_theme = "sphinx_rtd_theme"
+html_title = f"pyro-arm {release}"

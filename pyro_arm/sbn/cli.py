@@ -1,0 +1,156 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+The ``pyro-arm`` command (also ``python -m pyro_arm``).
+
+``pyro-arm train [options]`` trains a sigmoid belief net on binarized MNIST with an ARM-family or
+Pyro estimator (see :mod:`pyro_arm.sbn.train`). Its options are generated from the fields of
+:class:`~pyro_arm.sbn.config.TrainConfig` and checked by
+:meth:`~pyro_arm.sbn.config.TrainConfig.validate`. ``--resume`` continues a run from its
+checkpoint: options not given are taken from the saved run, and options that fix the trajectory
+(:data:`~pyro_arm.sbn.config.TRAJECTORY_FIELDS`) may not change.
+
+Bad input ends with one line ``pyro-arm: error: <what is wrong and what to do>`` and exit status
+2; an interrupted run (Ctrl-C) saves a checkpoint and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import NoReturn, Optional, Sequence
+
+from pyro_arm.sbn.checkpoint import load_checkpoint
+from pyro_arm.sbn.config import TRAJECTORY_FIELDS, ConfigError, TrainConfig, flag
+from pyro_arm.sbn.data import DataError
+from pyro_arm.sbn.train import TrainingInterrupted, train
+
+PROG = "pyro-arm"
+
+
+class UsageError(Exception):
+    """A command-line error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and an exception (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """
+    One ``--flag`` per :class:`TrainConfig` field, typed and documented by its metadata. Every
+    default is ``None``, so that ``--resume`` can tell which options were given explicitly;
+    the values are checked by :meth:`TrainConfig.validate`, not here.
+    """
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        default = "" if field.default is None else f" (default {field.default})"
+        kwargs = dict(dest=field.name, default=None, help=meta["help"] + default)
+        if meta["type"] is bool:
+            parser.add_argument(flag(field.name), action="store_true", **kwargs)
+            continue
+        metavar = meta["metavar"]
+        if meta["choices"] is not None:  # read now: a newly registered estimator shows up
+            metavar = "{" + ",".join(meta["choices"]()) + "}"
+        parser.add_argument(flag(field.name), type=meta["type"], metavar=metavar, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pyro-arm`` argument parser."""
+    parser = _Parser(
+        prog=PROG,
+        description="Antithetic ARM / DisARM gradients for Bernoulli latents in Pyro.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    t = sub.add_parser(
+        "train",
+        help="train a sigmoid belief net on binarized MNIST",
+        description=(
+            "Train a sigmoid belief net on binarized MNIST, then report the test -ELBO and the "
+            "k-sample importance-weighted bound (nats per image). Writes config.json, "
+            "metrics.csv, checkpoint.pt, summary.json and PNG plots into the run folder."
+        ),
+    )
+    add_config_options(t)
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the run folder from its checkpoint (up to --steps)",
+    )
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
+    """The config of the parsed options, and the names of those given explicitly."""
+    names = (f.name for f in dataclasses.fields(TrainConfig))
+    values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    return TrainConfig(**values), set(values)
+
+
+def resume_config(saved: dict, config: TrainConfig, explicit: set[str]) -> TrainConfig:
+    """
+    The config to resume with: the saved one, updated with the explicit options.
+
+    :raises ConfigError: if an explicit trajectory option differs from the saved one.
+    """
+    for name in TRAJECTORY_FIELDS:
+        if name in explicit and saved.get(name) != getattr(config, name):
+            raise ConfigError(
+                f"--resume: the run was started with {name}={saved.get(name)!r}, not "
+                f"{getattr(config, name)!r}; drop that option or pick another --run-dir"
+            )
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = {k: v for k, v in saved.items() if k in fields}
+    merged.update({k: getattr(config, k) for k in explicit})
+    merged["run_dir"] = str(config.resolved_run_dir())
+    return TrainConfig(**merged)
+
+
+def _train(args: argparse.Namespace) -> None:
+    config, explicit = config_from_args(args)
+    config.validate()
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(config.resolved_run_dir() / "checkpoint.pt")
+        config = resume_config(checkpoint["config"], config, explicit)
+    train(config, checkpoint=checkpoint, progress=not args.no_progress)
+
+
+def _error(message: str, status: int = 2) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs ``pyro-arm``; returns the exit status (0 success, 2 bad input, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        return _error(str(e))
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        _train(args)
+    except (ConfigError, DataError) as e:
+        return _error(str(e))
+    except FloatingPointError as e:
+        return _error(str(e), 1)
+    except TrainingInterrupted as e:
+        return _error(
+            f"interrupted at step {e.step}; checkpoint saved in {e.run_dir}, continue with the "
+            "same command plus --resume",
+            130,
+        )
+    except KeyboardInterrupt:
+        return _error("interrupted", 130)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

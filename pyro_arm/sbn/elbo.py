@@ -1,0 +1,43 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+The ELBO for an ``--estimator`` name: an estimator of the registry
+:data:`pyro_arm.estimators.ESTIMATORS` (via :class:`~pyro_arm.TraceARM_ELBO`) or one of Pyro's
+score-function baselines (:data:`PYRO_BASELINES`).
+"""
+
+from __future__ import annotations
+
+from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO
+
+from pyro_arm.estimators import ESTIMATORS
+from pyro_arm.trace_arm_elbo import TraceARM_ELBO
+
+#: Pyro's own ELBOs, selectable by name beside the ARM family.
+PYRO_BASELINES: dict[str, type] = {"trace": Trace_ELBO, "tracegraph": TraceGraph_ELBO}
+
+
+def estimator_choices() -> tuple[str, ...]:
+    """
+    The valid estimator names: the registry's, read at call time (so an estimator registered in
+    :data:`~pyro_arm.estimators.ESTIMATORS` is accepted), then :data:`PYRO_BASELINES`.
+    """
+    return tuple(ESTIMATORS) + tuple(n for n in PYRO_BASELINES if n not in ESTIMATORS)
+
+
+def make_elbo(estimator: str, num_particles: int = 1, vectorize: bool = False) -> ELBO:
+    """
+    The ELBO object for an estimator name (one plate: the data plate at dim -1).
+
+    :param estimator: a name of :func:`estimator_choices`.
+    :param num_particles: particles per step.
+    :param vectorize: vectorize the particles (and, for the ARM family, the antithetic branches).
+    :raises ValueError: for an unknown name.
+    """
+    kwargs = dict(num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=1)
+    if estimator in ESTIMATORS:
+        return TraceARM_ELBO(estimator=estimator, **kwargs)
+    if estimator in PYRO_BASELINES:
+        return PYRO_BASELINES[estimator](**kwargs)
+    raise ValueError(
+        f"unknown estimator {estimator!r}; expected one of {', '.join(estimator_choices())}"
+    )

@@ -1,0 +1,338 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Training sigmoid belief nets on binarized MNIST, with checkpoints that resume exactly.
+
+:func:`train` runs one configuration (:class:`~pyro_arm.sbn.config.TrainConfig`) in a run
+folder::
+
+    runs/<model>-<estimator>-s<seed>/
+        config.json      the configuration, library versions, data sizes, device
+        metrics.csv      step, epoch, train_loss, valid_neg_elbo, train_wall_s  (every eval_every)
+        checkpoint.pt    model, Adam state, RNG state, step (written atomically)
+        summary.json     test_elbo, test_iwae, k, wall_s, steps_per_s, seconds_per_step, ...
+        learning_curves.png, reconstructions.png, samples.png
+
+Every source of randomness is a named stream of :mod:`pyro_arm.sbn.seeding`: derived from
+``(seed, epoch)`` or ``(seed, step)`` (the order of the training images, the dynamic
+binarization of each batch), or the global torch RNG (the guide's samples), whose state is in the
+checkpoint (:class:`~pyro_arm.sbn.checkpoint.TrainState`); evaluations run on forked RNGs so
+that they do not perturb it. Resuming from a checkpoint therefore gives the same parameters, bit
+for bit on the same device, as an uninterrupted run.
+
+All losses are in nats per datapoint; ``train_loss`` is the mean training ``-ELBO`` over the
+steps since the previous row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import pyro
+import torch
+from pyro.infer import ELBO
+from torch import Tensor
+
+from pyro_arm.sbn.checkpoint import TrainState, save_checkpoint
+from pyro_arm.sbn.config import ConfigError, TrainConfig, resolve_device
+from pyro_arm.sbn.data import MNISTData, load_mnist
+from pyro_arm.sbn.elbo import make_elbo
+from pyro_arm.sbn.evaluate import evaluate_sbn, negative_elbo
+from pyro_arm.sbn.files import atomic_write_text
+from pyro_arm.sbn.metrics import append_metrics, read_metrics, truncate_metrics, write_metrics
+from pyro_arm.sbn.models import SigmoidBeliefNet, build_sbn
+from pyro_arm.sbn.seeding import Stream, forked, generator, seed_global
+
+__all__ = ["TrainingInterrupted", "make_elbo", "train"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was interrupted; a checkpoint of the last finished step was saved."""
+
+    def __init__(self, step: int, run_dir: Path):
+        super().__init__(step, run_dir)
+        self.step = step
+        self.run_dir = run_dir
+
+
+class _TrainStream:
+    """The training batch of each step, a pure function of ``(seed, step)``."""
+
+    def __init__(self, data: MNISTData, batch_size: int, seed: int, device: torch.device):
+        self.data, self.batch_size, self.seed, self.device = data, batch_size, seed, device
+        n = data.num_examples("train")
+        if n < batch_size:
+            raise ConfigError(f"--batch-size {batch_size} exceeds the {n} training images")
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._order = None, None
+
+    def batch(self, step: int) -> Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = generator(self.seed, Stream.ORDER, epoch)
+            self._order = torch.randperm(self.data.num_examples("train"), generator=g)
+            self._epoch = epoch
+        index = self._order[i * self.batch_size : (i + 1) * self.batch_size]
+        g = generator(self.seed, Stream.BINARIZE, step)
+        return self.data.batch("train", index, device=self.device, generator=g)
+
+
+@dataclass
+class _Run:
+    """What a run is built from its config: data, model, ELBO, files."""
+
+    config: TrainConfig
+    device: torch.device
+    data: MNISTData
+    sbn: SigmoidBeliefNet
+    elbo: ELBO
+    stream: _TrainStream
+    x_valid: Tensor
+
+    @property
+    def dir(self) -> Path:
+        return self.config.resolved_run_dir()
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.csv"
+
+
+def _build(config: TrainConfig) -> _Run:
+    device = resolve_device(config.device)
+    data = load_mnist(config.data, config.binarization)
+    torch.manual_seed(config.seed)  # the initial parameters
+    pyro.clear_param_store()
+    sbn = build_sbn(config.model, data.train_pixel_mean()).to(device)
+    elbo = make_elbo(config.estimator, config.num_particles, config.vectorize)
+    stream = _TrainStream(data, config.batch_size, config.seed, device)
+    x_valid = data.fixed("valid", seed=0).to(device)
+    return _Run(config, device, data, sbn, elbo, stream, x_valid)
+
+
+def _start(run: _Run, checkpoint: Optional[dict], log: Callable[[str], None]) -> TrainState:
+    """A fresh state, or the checkpoint's (dropping the metrics rows written after it)."""
+    optimizer = torch.optim.Adam(run.sbn.parameters(), lr=run.config.lr)
+    if checkpoint is None:
+        write_metrics(run.metrics_path, [])
+        seed_global(run.config.seed, Stream.GUIDE)
+        return TrainState(run.sbn, optimizer, run.device)
+    state = TrainState.from_checkpoint(checkpoint, run.sbn, optimizer, run.device)
+    truncate_metrics(run.metrics_path, state.step)
+    log(f"resuming {run.dir} at step {state.step} of {run.config.steps}")
+    return state
+
+
+def _versions() -> dict:
+    import pyro_arm
+
+    return {
+        "pyro_arm": pyro_arm.__version__,
+        "pyro": pyro.__version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def _write_info(run: _Run) -> None:
+    data = run.data
+    info = {
+        "config": asdict(run.config),
+        "versions": _versions(),
+        "device": str(run.device),
+        "data": {
+            "source": data.source,
+            **{f"num_{s}": data.num_examples(s) for s in ("train", "valid", "test")},
+        },
+        "steps_per_epoch": run.stream.steps_per_epoch,
+    }
+    atomic_write_text(run.dir / "config.json", json.dumps(info, indent=2) + "\n")
+
+
+def _evaluate_valid(sbn, x_valid: Tensor, seed: int, step: int, device: torch.device) -> float:
+    with forked(seed, Stream.VALID, step, device=device):
+        return negative_elbo(sbn.model, sbn.guide, x_valid, 1, batch_size=1000)
+
+
+def _train_step(run: _Run, state: TrainState) -> float:
+    """One optimizer step on the batch of ``state.step``; returns its ``-ELBO`` per image."""
+    x = run.stream.batch(state.step)
+    t0 = time.perf_counter()
+    state.optimizer.zero_grad(set_to_none=True)
+    loss = run.elbo.loss_and_grads(run.sbn.model, run.sbn.guide, x) / x.shape[0]
+    state.optimizer.step()
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    seconds = time.perf_counter() - t0
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"the loss became {loss} at step {state.step + 1}; try a smaller --lr"
+        )
+    state.record(loss, seconds)
+    return loss
+
+
+def _metrics_row(run: _Run, state: TrainState) -> dict:
+    """Evaluates the validation ``-ELBO`` and appends the row of ``state.step``."""
+    valid = _evaluate_valid(run.sbn, run.x_valid, run.config.seed, state.step, run.device)
+    row = {
+        "step": state.step,
+        "epoch": state.step / run.stream.steps_per_epoch,
+        "train_loss": state.pop_interval_mean(),
+        "valid_neg_elbo": valid,
+        "train_wall_s": state.train_wall_s,
+    }
+    append_metrics(run.metrics_path, row)
+    return row
+
+
+class _Loop:
+    """The training loop: steps, metrics rows, checkpoints, and a clean stop on Ctrl-C."""
+
+    def __init__(self, run: _Run, state: TrainState, bar, say, callback):
+        self.run, self.state, self.bar, self.say, self.callback = run, state, bar, say, callback
+        self.saved_step = state.step
+
+    def save(self) -> None:
+        if self.state.step != self.saved_step:
+            save_checkpoint(self.state.to_checkpoint(asdict(self.run.config)), self._path)
+            self.saved_step = self.state.step
+
+    @property
+    def _path(self) -> Path:
+        return self.run.dir / "checkpoint.pt"
+
+    def _due(self, every: int) -> bool:
+        return self.state.step % every == 0 or self.state.step == self.run.config.steps
+
+    def _step_and_row(self) -> float:
+        loss = _train_step(self.run, self.state)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{self.state.ema:.2f}", refresh=False)
+        if self._due(self.run.config.eval_every):
+            row = _metrics_row(self.run, self.state)
+            self.say(
+                f"step {row['step']}: train -ELBO {row['train_loss']:.2f}, "
+                f"valid -ELBO {row['valid_neg_elbo']:.2f} nats"
+            )
+        return loss
+
+    def __call__(self) -> None:
+        """Runs up to ``config.steps``; on Ctrl-C saves what is consistent and raises."""
+        consistent = True  # False while a step and its metrics row are half done
+        try:
+            while self.state.step < self.run.config.steps:
+                consistent = False
+                loss = self._step_and_row()
+                consistent = True
+                if self._due(self.run.config.checkpoint_every):
+                    self.save()
+                if self.callback is not None:
+                    self.callback(self.state.step, loss)
+        except KeyboardInterrupt:
+            self.bar.close()
+            if consistent:  # else keep the last checkpoint; the half-done step is redone
+                self.save()
+            raise TrainingInterrupted(self.saved_step, self.run.dir) from None
+        self.bar.close()
+        self.save()
+
+
+def _summary(run: _Run, state: TrainState, result: dict, eval_wall_s: float) -> dict:
+    step, wall = state.step, state.train_wall_s
+    return {
+        "model": run.config.model,
+        "estimator": run.config.estimator,
+        "seed": run.config.seed,
+        "steps": step,
+        "epochs": step / run.stream.steps_per_epoch,
+        "test_elbo": result["neg_elbo"],
+        "test_iwae": result["neg_iw"],
+        "k": result["k"],
+        "test_size": result["test_size"],
+        "iwae_test_size": result["iw_size"],
+        "wall_s": wall,
+        "steps_per_s": step / wall if wall > 0 else math.nan,
+        "seconds_per_step": wall / step if step else math.nan,
+        "eval_wall_s": eval_wall_s,
+        "device": str(run.device),
+        "data": run.data.source,
+        "binarization": run.config.binarization,
+        "units": "nats per datapoint; test_elbo and test_iwae are negated bounds (lower is better)",
+    }
+
+
+def _finish(run: _Run, state: TrainState, log: Callable[[str], None]) -> dict:
+    """The final test bounds, ``summary.json`` and the figures."""
+    from pyro_arm.sbn import plots
+
+    config, device = run.config, run.device
+    t0 = time.perf_counter()
+    x_test = run.data.fixed("test", seed=0).to(device)
+    with forked(config.seed, Stream.TEST, device=device):
+        result = evaluate_sbn(run.sbn, x_test, k=config.eval_k, iw_size=config.test_size)
+    result["test_size"] = x_test.shape[0]
+    summary = _summary(run, state, result, time.perf_counter() - t0)
+    atomic_write_text(run.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    log(
+        f"test -ELBO {summary['test_elbo']:.2f} nats, -IWAE(k={summary['k']}, "
+        f"n={summary['iwae_test_size']}) {summary['test_iwae']:.2f} nats; "
+        f"{state.step} steps in {state.train_wall_s:.1f} s ({summary['steps_per_s']:.1f} "
+        f"steps/s, {1000 * summary['seconds_per_step']:.1f} ms/step) on {device}; "
+        f"results in {run.dir}"
+    )
+    with forked(config.seed, Stream.PLOTS, device=device):
+        plots.save_all(run.sbn, read_metrics(run.metrics_path), x_test[:10], run.dir)
+    return summary
+
+
+def train(
+    config: TrainConfig,
+    *,
+    checkpoint: Optional[dict] = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    callback: Optional[Callable[[int, float], None]] = None,
+) -> dict:
+    """
+    Trains one run (or continues it from a checkpoint) and evaluates it on the test set.
+
+    :param config: the run's configuration.
+    :param checkpoint: a checkpoint of this run (:func:`~pyro_arm.sbn.checkpoint.load_checkpoint`)
+        to continue from, up to ``config.steps``. Without one, the run folder must not hold a
+        checkpoint yet.
+    :param progress: show a tqdm progress bar (on stderr).
+    :param log: where the one-line messages go.
+    :param callback: ``callback(step, loss)`` after every step (``step`` counts finished steps).
+    :returns: the summary dict, also written to ``summary.json``.
+    :raises ConfigError: bad options or run folder. :raises DataError: bad data.
+    :raises TrainingInterrupted: on ``KeyboardInterrupt``, after saving a checkpoint.
+    """
+    from tqdm.auto import tqdm
+
+    config.validate()
+    run_dir = config.resolved_run_dir()
+    if checkpoint is None and (run_dir / "checkpoint.pt").exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
+            "--run-dir (or delete the folder)"
+        )
+    run = _build(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = _start(run, checkpoint, log)
+    _write_info(run)
+    bar = tqdm(
+        total=config.steps,
+        initial=state.step,
+        disable=not progress,
+        desc=f"{config.model}/{config.estimator}",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    _Loop(run, state, bar, bar.write if progress else log, callback)()
+    return _finish(run, state, log)

@@ -1,0 +1,76 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The training config: one rule per field, estimator names from the registry, CLI options
+generated from the fields, and ``import pyro_arm`` free of the application's dependencies."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from pyro_arm.estimators import ESTIMATORS, Estimator, arm
+from pyro_arm.sbn.cli import build_parser, main
+from pyro_arm.sbn.config import ConfigError, TrainConfig, flag
+from pyro_arm.sbn.elbo import estimator_choices, make_elbo
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"steps": 0}, "--steps: expected a positive integer"),
+        ({"test_size": -1}, "--test-size: expected a positive integer"),
+        ({"lr": float("nan")}, "--lr: expected a positive number"),
+        ({"estimator": "rebar"}, "--estimator: invalid choice: 'rebar'"),
+        ({"binarization": "otsu"}, "--binarization: invalid choice: 'otsu'"),
+        ({"device": "tpu"}, "--device: unknown device 'tpu'"),
+        ({"model": "resnet"}, "unknown model 'resnet'"),
+    ],
+)
+def test_validate(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes).validate()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1", "auto"])
+def test_devices(device):
+    TrainConfig(device=device, seed=-3, test_size=None).validate()
+
+
+def test_every_field_is_a_cli_option():
+    actions = {
+        a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions
+    }
+    for field in dataclasses.fields(TrainConfig):
+        assert field.name in actions, field.name
+        assert flag(field.name) in actions[field.name].option_strings
+        assert actions[field.name].default is None
+
+
+def test_a_newly_registered_estimator_is_accepted(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(ESTIMATORS, "arm2", Estimator("arm2", True, arm))
+    assert "arm2" in estimator_choices()
+    assert type(make_elbo("arm2")).__name__ == "TraceARM_ELBO"
+    TrainConfig(estimator="arm2").validate()
+    status = main(["train", "--estimator", "arm2", "--model", "bad", "--run-dir", str(tmp_path)])
+    assert status == 2 and "unknown model 'bad'" in capsys.readouterr().err  # got past estimator
+
+
+def test_baselines_and_unknown_estimator():
+    assert estimator_choices()[-2:] == ("trace", "tracegraph")
+    assert type(make_elbo("tracegraph")).__name__ == "TraceGraph_ELBO"
+    with pytest.raises(ValueError, match="unknown estimator 'rebar'"):
+        make_elbo("rebar")
+
+
+def test_import_pyro_arm_is_light():
+    # pyro.infer itself imports tqdm (a pyro-ppl dependency), so the check is that pyro_arm adds
+    # no module of tqdm, matplotlib or the application to what torch and Pyro import.
+    code = (
+        "import sys, torch, pyro, pyro.infer, pyro.poutine\n"
+        "before = set(sys.modules)\n"
+        "import pyro_arm, pyro_arm.estimators\n"
+        "new = [m for m in set(sys.modules) - before if m.split('.')[0] != 'pyro_arm']\n"
+        "assert 'matplotlib' not in sys.modules and 'pyro_arm.sbn' not in sys.modules\n"
+        "assert not [m for m in new if m.split('.')[0] in ('tqdm', 'matplotlib')], new\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
