@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Sequence
 import pyro
 import torch
 
+from benchmarks import storch_arm
 from benchmarks.plain_arm import ESTIMATOR_NAMES, PlainARMStep, PlainSBN, arm_surrogate_loss
 from pyro_arm.sbn.elbo import make_elbo
 from pyro_arm.sbn.models import build_sbn, run_map
@@ -124,13 +125,27 @@ def pyro_loss(kind: str, num_particles: int = 1):
     return make_elbo(name, num_particles, vectorize=(mode == "vec"))
 
 
-def available_contenders(include_plain: bool = True) -> list[str]:
-    """Every contender name this installation can run."""
+def available_contenders(include_plain: bool = True, include_peers: bool = True) -> list[str]:
+    """Every contender name this installation can run (the storchastic peers only when it
+    imports and runs on batches: see :data:`benchmarks.storch_arm.RUNS_ON_BATCHES`)."""
     names = ["trace_elbo", "tracegraph_elbo"]
     names += [f"{e}_{m}" for m in ("seq", "vec") for e in ESTIMATORS]
     if include_plain:
         names += [f"plain_{e}" for e in ESTIMATORS]
+    if include_peers and storch_arm.unavailable_reason() is None:
+        names += [n for n in storch_arm.CONTENDERS if storch_arm.RUNS_ON_BATCHES[n]]
     return names
+
+
+def check_contenders(names: Sequence[str]) -> None:
+    """Exits with a clear message when a contender asked for cannot run here."""
+    for name in names:
+        if name in storch_arm.CONTENDERS:
+            reason = storch_arm.unavailable_reason(name)
+            if reason is not None:
+                raise SystemExit(f"contender {name!r} unavailable: {reason}")
+        elif name not in available_contenders():
+            raise SystemExit(f"unknown contender {name!r}; known: {available_contenders()}")
 
 
 @dataclass
@@ -158,6 +173,8 @@ def make_contender(
     module-local.
     """
     torch.manual_seed(seed)
+    if name in storch_arm.CONTENDERS:
+        return _storch_contender(name, model_name, x_mean, lr, device, init)
     if name.startswith("plain_"):
         estimator = name.split("_", 1)[1]
         plain = (
@@ -196,6 +213,15 @@ def make_contender(
         loss.loss_and_grads(sbn.model, sbn.guide, x)
 
     return Contender(name, sbn, step, lambda: sbn.named_parameters(), grad_only)
+
+
+def _storch_contender(name, model_name, x_mean, lr, device, init) -> Contender:
+    """A storchastic contender (:mod:`benchmarks.storch_arm`) on a copy of the same SBN."""
+    plain = copy_of_plain(init if init is not None else build_sbn(model_name, x_mean))
+    plain.to(device)
+    optim = torch.optim.Adam(plain.parameters(), lr=lr)
+    step = storch_arm.StorchStep(plain, optim, storch_arm.CONTENDERS[name])
+    return Contender(name, plain, step, lambda: plain.named_parameters(), step.grad)
 
 
 def encoder_param_names(contender: Contender) -> list[str]:

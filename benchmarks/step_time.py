@@ -33,6 +33,8 @@ KEY_RATIOS = {  # name in the JSON -> (numerator, denominator), same (model, bat
     "ar_vectorized/plain_torch_ar": ("ar_vec", "plain_ar"),
     "trace_elbo/plain_torch_arm": ("trace_elbo", "plain_arm"),
     "tracegraph_elbo/trace_elbo": ("tracegraph_elbo", "trace_elbo"),
+    "storch_arm/plain_torch_arm": ("storch_arm", "plain_arm"),
+    "arm_vectorized/storch_arm": ("arm_vec", "storch_arm"),
 }
 
 
@@ -71,8 +73,8 @@ def make_runner(contender: common.Contender, batches: list[torch.Tensor], steps:
 
 def plain_reference(name: str) -> str:
     """The plain-PyTorch contender to compare ``name`` with: same estimator, else ``plain_arm``."""
-    estimator = name.split("_")[0]
-    if name.endswith(("_seq", "_vec")) and estimator in common.ESTIMATORS:
+    estimator = name.split("_")[-1 if name.startswith("storch_") else 0]
+    if name.endswith(("_seq", "_vec")) or name.startswith("storch_"):
         return f"plain_{estimator}"
     return name if name.startswith("plain_") else "plain_arm"
 
@@ -118,7 +120,9 @@ def summarize(args, names: list[str], per_step: dict) -> tuple[list[tuple], dict
                 )
     if "linear" in args.models and "two_layer" in args.models:
         for batch in args.batch_sizes:
-            for name in [n for n in names if n.endswith("_vec") or n.startswith("plain_")]:
+            for name in [
+                n for n in names if n.endswith("_vec") or n.startswith(("plain_", "storch_"))
+            ]:
                 record["ratios"][f"two_layer/linear/b{batch}/{name}"] = common.median_ratio(
                     per_step[("two_layer", batch, name)], per_step[("linear", batch, name)]
                 )
@@ -129,6 +133,7 @@ def main(argv=None):
     args = parse_args(argv)
     common.setup(args)
     names = args.contenders or common.available_contenders()
+    common.check_contenders(names)
     runners = build_runners(args, names)
     times = common.interleaved_times(
         runners, args.rounds, args.warmup, common.device_sync(args.device), args.seed, args.clock

@@ -115,6 +115,7 @@ def main(argv=None):
     x_mean = data.train.mean(0)
     x = common.fixed_batch(data, args.batch_size, args.seed, args.device)
     names = args.contenders or common.available_contenders()
+    common.check_contenders(names)
     record = {"trace_cov": {}, "mean_sq_norm": {}, "ms_per_grad": {}, "var_x_ms": {}}
 
     for model_name, state in itertools.product(args.models, ("init", "trained")):
