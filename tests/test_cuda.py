@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 TraceARM_ELBO on a GPU: unbiased against the exact reference, params and gradients stay on the
-device, and a small SBN trains. Skipped without CUDA. (``PYRO_ARM_TEST_DEVICE=cpu`` dry-runs the
-same code on the CPU.)
+device, the estimator work of a step never synchronises with the host and allocates nothing off
+the logits' device, and a small SBN trains. Skipped without CUDA. (``PYRO_ARM_TEST_DEVICE=cpu``
+dry-runs the same code on the CPU; the synchronisation check needs CUDA.)
 """
 
 import math
@@ -13,6 +14,8 @@ import pytest
 import torch
 from pyro.infer import SVI
 from pyro.optim import Adam
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from pyro_arm import TraceARM_ELBO
 from tests import test_svi
@@ -87,3 +90,71 @@ def test_sbn_trains_on_device(on_device):
     first, last = test_svi.decrease(losses)
     assert last < first - 0.15 * abs(first)
     assert_on_device(on_device)
+
+
+def warm_vectorized_step(device):
+    """The SBN of ``test_svi`` with its params created on ``device`` by one warm-up step of
+    vectorized TraceARM_ELBO; returns ``(elbo, model, guide, data)``. The default device is
+    restored afterwards, so that a tensor allocated later without a device lands on the CPU."""
+    previous = torch.get_default_device()
+    torch.set_default_device(device)
+    try:
+        model, guide = test_svi.sbn()
+        data = test_svi.synthetic_data()
+        elbo = TraceARM_ELBO(num_particles=3, vectorize_particles=True)
+        elbo.loss_and_grads(model, guide, data)
+    finally:
+        torch.set_default_device(previous)
+    return elbo, model, guide, data
+
+
+def test_estimator_work_does_not_synchronize():
+    """
+    Between the warm-up and the loss ``.item()`` that Pyro's ``loss_and_grads`` does, a step
+    (``differentiable_loss`` and its backward) makes no host synchronisation. Pyro's validation
+    (support checks, ``.all()`` on device tensors) synchronises by design and is off here.
+    """
+    if not DEVICE.startswith("cuda"):
+        pytest.skip("set_sync_debug_mode needs CUDA")
+    elbo, model, guide, data = warm_vectorized_step(torch.device(DEVICE))
+    torch.cuda.synchronize()
+    with pyro.validation_enabled(False):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = elbo.differentiable_loss(model, guide, data)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert math.isfinite(loss.item())  # the one synchronisation, outside the region
+
+
+class DeviceRecorder(TorchDispatchMode):
+    """Records every op whose output tensors are not on ``device``."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device, self.off_device, self.cpu_scalars = device, [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != self.device.type:
+                (self.cpu_scalars if t.dim() == 0 else self.off_device).append(str(func))
+        return out
+
+
+def test_step_allocates_only_on_the_logits_device():
+    """
+    Every tensor a vectorized step allocates (forward and backward, the noise, the branches) is
+    on the logits' device. 0-dim CPU tensors (torch's CPU scalars, passed to kernels by value)
+    are listed, not counted. On the CPU dry run this checks nothing but that the test runs.
+    """
+    device = torch.device(DEVICE)
+    elbo, model, guide, data = warm_vectorized_step(device)
+    recorder = DeviceRecorder(device)
+    with pyro.validation_enabled(False), recorder:
+        loss = elbo.differentiable_loss(model, guide, data)
+        loss.backward()
+    if recorder.cpu_scalars:
+        print("0-dim CPU tensors from:", sorted(set(recorder.cpu_scalars)))
+    assert not recorder.off_device, sorted(set(recorder.off_device))
