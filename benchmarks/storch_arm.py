@@ -28,7 +28,8 @@ What storchastic 0.3.7 gets wrong (measured against exact enumeration in
   ``(f(z) + f(z~)) w`` instead of ``(f(z) - f(z~)) w`` (its ``ARM`` returns
   ``(1 - magic_box(log_prob)) * baseline``); and ``DisARM.plate_weighting`` is never registered
   with the sampling method, so the antithetic member is averaged in with the same weight.
-  :class:`PatchedDisARM` fixes both lines (checked on one datapoint, one pair).
+  :class:`PatchedDisARM` fixes both lines (unbiased on a toy model with ``n_samples=1``; with
+  more pairs its weighting is still wrong).
 - ``DisARM`` fails on a batch (a plate before the sample plate): ``comp_estimator`` indexes with
   ``(None,) * plate_index`` where ``(slice(None),) * plate_index`` is meant. So the
   ``storch_disarm`` contender cannot run on the SBN (:func:`unavailable_reason` says so).
