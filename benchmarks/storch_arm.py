@@ -38,9 +38,10 @@ What storchastic 0.3.7 gets wrong (measured against exact enumeration in
   event dims, so ``magic_box(L) * cost`` in ``surrogate_loss`` holds one copy of the cost per
   unit and every pathwise gradient is multiplied by the number of latent units ``d``: the
   model's parameters get ``d`` times their gradient, and the encoder gets ``d`` times the
-  zero-mean gradient of ``log q`` at the sample (a large variance; the ARM term itself is right,
-  so the encoder gradient stays unbiased). :class:`PatchedARM` sums over the event dims, as
-  ``DisARM`` does; the contender ``storch_arm_fixed`` runs it.
+  zero-mean gradient of ``log q`` at the sample (a large variance; with one layer the ARM term
+  itself is right, so the encoder gradient stays unbiased; with two, the second layer's encoder
+  gradient is scaled too, by the first layer's width in the test). :class:`PatchedARM` sums
+  over the event dims, as ``DisARM`` does; the contender ``storch_arm_fixed`` runs it.
 - ``DisARM``'s model-parameter gradient is 1.5x the right one (the added ``f(z~)`` above).
 """
 

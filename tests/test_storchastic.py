@@ -25,13 +25,12 @@ from tests.test_benchmarks import exact_elbo_grads  # noqa: E402
 CHUNKS, PAIRS = 20, 200
 
 
-@pytest.fixture
-def tiny():
-    """A 5-3 SBN with O(1) parameters, one binary datapoint, and the exact gradient (float64)."""
+def _tiny(layers: list[int]):
+    """A 5-pixel SBN with O(1) parameters, one datapoint, and the exact gradient (float64)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)
-    sbn = plain_arm.build_plain_sbn([3], x_dim=5)
+    sbn = plain_arm.build_plain_sbn(layers, x_dim=5)
     with torch.no_grad():
         for p in sbn.parameters():
             p.normal_(0, 0.8)
@@ -41,12 +40,29 @@ def tiny():
     torch.set_default_dtype(previous)
 
 
+@pytest.fixture
+def tiny():
+    """5-3: one layer of 3 latent units."""
+    yield from _tiny([3])
+
+
+@pytest.fixture
+def tiny2():
+    """5-2-1: two layers, of 2 and 1 latent units."""
+    yield from _tiny([2, 1])
+
+
 def _split(sbn, flat: torch.Tensor) -> dict:
-    """``{"encoder": ..., "model": ...}``: the guide's and the model's parameters' entries."""
-    enc = {id(p) for p in sbn.encoder_parameters()}
-    parts, i = {"encoder": [], "model": []}, 0
+    """The entries of ``flat`` (over ``sbn.parameters()``) by part: ``"encoder"`` (all the
+    guide's), ``"encoder1"``, ``"encoder2"``, ... (layer by layer) and ``"model"``."""
+    owner = {}
+    for k, enc in enumerate(sbn.encoders):
+        owner.update({id(p): f"encoder{k + 1}" for p in enc.parameters()})
+    parts, i = {}, 0
     for p in sbn.parameters():
-        parts["encoder" if id(p) in enc else "model"].append(flat[i : i + p.numel()])
+        piece = flat[i : i + p.numel()]
+        for key in ("encoder", owner[id(p)]) if id(p) in owner else ("model",):
+            parts.setdefault(key, []).append(piece)
         i += p.numel()
     return {k: torch.cat(v) for k, v in parts.items()}
 
@@ -159,9 +175,27 @@ def test_checker_accepts_a_correct_disarm(tiny, implementation):
     assert z.abs().max() < 4.5
 
 
-def test_patched_storch_arm_is_unbiased_everywhere(tiny):
+def test_storch_arm_second_layer_is_biased(tiny2):
+    """Finding: with two layers storchastic's ARM gradient of the second encoder (and of the
+    model) is d1 = 2 (the first layer's units) times the right one; the first encoder's is
+    right."""
+    sbn, x, exact = tiny2
+    mean, se = storch_estimate(sbn, x, "ARM")
+    z1 = zscores(mean["encoder1"], se["encoder1"], exact["encoder1"])
+    print(f"storch ARM two layers, encoder1 z: max {z1.abs().max():.2f}")
+    assert z1.abs().max() < 4.5
+    for part in ("encoder2", "model"):
+        z = zscores(mean[part], se[part], exact[part])
+        z2x = zscores(mean[part], se[part], 2 * exact[part])
+        print(f"{part}: max z {z.abs().max():.1f} against exact, {z2x.abs().max():.2f} against 2x")
+        assert z.abs().max() > 8
+        assert z2x.abs().max() < 4.5
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny2"])
+def test_patched_storch_arm_is_unbiased_everywhere(model, request):
     """Summing ARM's score term over the event dims (PatchedARM) is the whole fix."""
-    sbn, x, exact = tiny
+    sbn, x, exact = request.getfixturevalue(model)
     mean, se = storch_estimate(sbn, x, "PatchedARM")
     for part in ("encoder", "model"):
         z = zscores(mean[part], se[part], exact[part])
