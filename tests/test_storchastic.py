@@ -210,3 +210,23 @@ def test_storch_disarm_refuses_batches_with_the_reason():
     assert "storch_disarm" not in common.available_contenders()
     with pytest.raises(SystemExit, match="plate_index"):
         common.check_contenders(["storch_disarm"])
+
+
+@pytest.mark.slow
+def test_storch_contenders_in_the_benchmarks(tmp_path):
+    """The peers run interleaved with the others in step_time and variance (smoke runs)."""
+    from tests.test_benchmarks import run_script
+
+    peers = ["storch_arm", "storch_arm_fixed"]
+    out, record = run_script(
+        "step_time", "--rounds", "1", "--quick", "--models", "linear", "two_layer",
+        "--contenders", "plain_arm", "arm_vec", *peers, tmp_path=tmp_path,
+    )  # fmt: skip
+    assert "| two_layer | 50 | storch_arm |" in out
+    assert record["ratios"]["linear/b50"]["storch_arm/plain_torch_arm"] > 0
+    assert record["ratios"]["two_layer/linear/b50/storch_arm_fixed"] > 0
+    out, record = run_script(
+        "variance", "--quick", "--draws", "3", "--train-steps", "2",
+        "--contenders", "plain_arm", *peers, tmp_path=tmp_path,
+    )  # fmt: skip
+    assert set(record["trace_cov"]["linear/init"]) == {"plain_arm", *peers}
