@@ -8,16 +8,18 @@ dry-runs the same code on the CPU; the synchronisation check needs CUDA.)
 
 import math
 import os
+from contextlib import contextmanager, nullcontext
 
 import pyro
 import pytest
 import torch
 from pyro.infer import SVI
+from pyro.infer.util import torch_item
 from pyro.optim import Adam
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from pyro_arm import TraceARM_ELBO
+from pyro_arm import TraceARM_ELBO, trace_arm_elbo
 from tests import test_svi
 from tests import test_trace_arm_elbo as cases
 from tests.exact import assert_unbiased
@@ -108,24 +110,51 @@ def warm_vectorized_step(device):
     return elbo, model, guide, data
 
 
-def test_estimator_work_does_not_synchronize():
+@contextmanager
+def loss_item_allowed(monkeypatch, during=lambda: nullcontext()):
+    """Counts the calls of ``torch_item`` in TraceARM_ELBO (Pyro's loss ``.item()``, the one
+    synchronisation a step may make) in ``calls`` and runs each inside ``during()``."""
+    calls = []
+
+    def counted_item(x):
+        calls.append(x)
+        with during():
+            return torch_item(x)
+
+    monkeypatch.setattr(trace_arm_elbo, "torch_item", counted_item)
+    yield calls
+
+
+@contextmanager
+def sync_debug_off():
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("error")
+
+
+def test_step_does_not_synchronize(monkeypatch):
     """
-    Between the warm-up and the loss ``.item()`` that Pyro's ``loss_and_grads`` does, a step
-    (``differentiable_loss`` and its backward) makes no host synchronisation. Pyro's validation
-    (support checks, ``.all()`` on device tensors) synchronises by design and is off here.
+    After a warm-up step, a vectorized ``loss_and_grads`` (the estimator work of an SVI step)
+    makes no host synchronisation except Pyro's loss ``.item()``:
+    ``torch.cuda.set_sync_debug_mode("error")`` raises on any other. Pyro's validation (support
+    checks, ``.all()`` on device tensors) synchronises by design and is off here; so is
+    ``differentiable_loss``'s ``warn_if_nan`` on the loss tensor (as in Pyro's ``Trace_ELBO``),
+    which ``loss_and_grads`` does not use.
     """
     if not DEVICE.startswith("cuda"):
         pytest.skip("set_sync_debug_mode needs CUDA")
     elbo, model, guide, data = warm_vectorized_step(torch.device(DEVICE))
     torch.cuda.synchronize()
-    with pyro.validation_enabled(False):
+    with pyro.validation_enabled(False), loss_item_allowed(monkeypatch, sync_debug_off) as calls:
         torch.cuda.set_sync_debug_mode("error")
         try:
-            loss = elbo.differentiable_loss(model, guide, data)
-            loss.backward()
+            loss = elbo.loss_and_grads(model, guide, data)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    assert math.isfinite(loss.item())  # the one synchronisation, outside the region
+    assert math.isfinite(loss)
+    assert len(calls) == 1
 
 
 class DeviceRecorder(TorchDispatchMode):
@@ -153,8 +182,7 @@ def test_step_allocates_only_on_the_logits_device():
     elbo, model, guide, data = warm_vectorized_step(device)
     recorder = DeviceRecorder(device)
     with pyro.validation_enabled(False), recorder:
-        loss = elbo.differentiable_loss(model, guide, data)
-        loss.backward()
+        elbo.loss_and_grads(model, guide, data)
     if recorder.cpu_scalars:
         print("0-dim CPU tensors from:", sorted(set(recorder.cpu_scalars)))
     assert not recorder.off_device, sorted(set(recorder.off_device))
