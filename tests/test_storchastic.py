@@ -230,3 +230,13 @@ def test_storch_contenders_in_the_benchmarks(tmp_path):
         "--contenders", "plain_arm", *peers, tmp_path=tmp_path,
     )  # fmt: skip
     assert set(record["trace_cov"]["linear/init"]) == {"plain_arm", *peers}
+
+
+def test_without_storchastic_the_peers_are_left_out(monkeypatch):
+    from benchmarks import common
+
+    monkeypatch.setattr(storch_arm, "_IMPORT_ERROR", ImportError("No module named 'storch'"))
+    assert not any(n.startswith("storch_") for n in common.available_contenders())
+    common.check_contenders(["plain_arm", "arm_vec"])
+    with pytest.raises(SystemExit, match=r"not importable.*\[bench\]"):
+        common.check_contenders(["storch_arm"])
