@@ -17,8 +17,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
     """
     Calls ``write(f)`` on a temporary file in the folder of ``path``, flushes and ``fsync``\\ s it,
-    then renames it over ``path`` with :func:`os.replace`. On any error (also
-    ``KeyboardInterrupt``) the temporary file is removed and ``path`` is left as it was.
+    then renames it over ``path`` with :func:`os.replace` and ``fsync``\\ s the folder (so the
+    rename survives a power cut). On any error (also ``KeyboardInterrupt``, or an ``OSError``
+    such as a full disk) the temporary file is removed and ``path`` is left as it was.
 
     :param path: the destination; its folder is created if missing.
     :param write: writes the content to a binary file object.
@@ -37,7 +38,22 @@ def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(path.parent)
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """``fsync``\\ s a folder's entry list (skipped where a folder cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
