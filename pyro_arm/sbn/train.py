@@ -91,7 +91,7 @@ class TrainingDiverged(FloatingPointError):
             else "no checkpoint had been written"
         )
         super().__init__(
-            f"training diverged: {what} at step {step}; {kept}; start again with a smaller --lr "
+            f"training diverged at step {step}: {what}; {kept}; start again with a smaller --lr "
             f"(now {lr:g}) in a new --run-dir"
         )
         self.step, self.saved_step = step, saved_step
