@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -106,9 +107,9 @@ class TrainState:
             module.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            what = textwrap.shorten(" ".join(str(e).split()) or type(e).__name__, 240)
             raise ConfigError(
-                f"the checkpoint does not fit this model ({first}); it belongs to another run: "
+                f"the checkpoint does not fit this model ({what}); it belongs to another run: "
                 "pick another --run-dir"
             ) from None
         torch.set_rng_state(ckpt["torch_rng"])
