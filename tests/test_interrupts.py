@@ -232,3 +232,23 @@ def test_stop_signals_outside_the_main_thread_do_nothing():
     thread.start()
     thread.join()
     assert result == [True, False]
+
+
+def test_a_signal_while_loading_stops_before_the_first_step(tmp_path, monkeypatch):
+    import pyro_arm.sbn.train as train_module
+
+    real = train_module.load_mnist
+
+    def load_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "load_mnist", load_then_signal)
+    run = tmp_path / "cut"
+    with pytest.raises(TrainingInterrupted) as info:
+        train(TrainConfig(run_dir=str(run), **COMMON), progress=False, log=lambda _: None)
+    assert info.value.step == 0 and info.value.signum == signal.SIGTERM
+    assert str(info.value) == (
+        "interrupted by SIGTERM; no checkpoint had been written yet, so nothing was kept"
+    )
+    assert not run.exists()  # nothing left behind: a fresh run may start there again

@@ -413,17 +413,25 @@ def train(
     else:
         _check_resume(checkpoint, config)
     _apply_threads(config)
-    run = _build(config)
-    folder = fresh_run_folder(run_dir) if checkpoint is None else contextlib.nullcontext()
-    with folder:
-        state = _start(run, checkpoint, log)
-        _write_info(run)
-        _run_loop(run, state, progress, log, callback)
+    with StopSignals(_STOP_MESSAGE) as stop:
+        try:
+            run = _build(config)
+            folder = fresh_run_folder(run_dir) if checkpoint is None else contextlib.nullcontext()
+            with folder:
+                state = _start(run, checkpoint, log)
+                _write_info(run)
+                _run_loop(run, state, progress, log, callback, stop)
+        except Aborted as e:  # before or after the loop: the checkpoint is as it was
+            step = int(checkpoint["step"]) if checkpoint is not None else 0
+            raise TrainingInterrupted(step, run_dir, e.signum, aborted=True) from None
     return _finish(run, state, log)
 
 
-def _run_loop(run: _Run, state: TrainState, progress: bool, log, callback) -> None:
-    """The loop of :class:`_Loop`, with a progress bar and the stop signals handled."""
+_STOP_MESSAGE = "stopping after the current step (send it again to abort at once)"
+
+
+def _run_loop(run: _Run, state: TrainState, progress: bool, log, callback, stop) -> None:
+    """The loop of :class:`_Loop`, with a progress bar."""
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -434,6 +442,4 @@ def _run_loop(run: _Run, state: TrainState, progress: bool, log, callback) -> No
         dynamic_ncols=True,
         file=sys.stderr,
     )
-    message = "stopping after the current step (send it again to abort at once)"
-    with StopSignals(message) as stop:
-        _Loop(run, state, bar, bar.write if progress else log, callback, stop)()
+    _Loop(run, state, bar, bar.write if progress else log, callback, stop)()
