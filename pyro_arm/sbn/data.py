@@ -24,7 +24,8 @@ Three sources, one API (:func:`load_mnist` returns an :class:`MNISTData`):
   dataset in the MNIST layout (e.g. Fashion-MNIST) reads the same way.
 - ``"download"``: fetches the gzip files into a cache folder (``$PYRO_ARM_CACHE/mnist``, else
   ``$XDG_CACHE_HOME/pyro-arm/mnist``, else ``~/.cache/pyro-arm/mnist``), checks the MD5 of the
-  decompressed content against the published values, and writes each file atomically.
+  decompressed content against the published values, and writes each file atomically. The files
+  read back from the cache are checked again, a raw (uncompressed) file put there included.
 
 Splits: ``train`` is the first 50,000 training images, ``valid`` the last 10,000, ``test`` the
 10,000 test images (the embedded subset follows the same rule on fewer images).
