@@ -19,6 +19,13 @@ checkpoint (:class:`~pyro_arm.sbn.checkpoint.TrainState`); evaluations run on fo
 that they do not perturb it. Resuming from a checkpoint therefore gives the same parameters, bit
 for bit on the same device, as an uninterrupted run.
 
+Nothing finished is lost, and nothing is overwritten: the first SIGINT or SIGTERM lets the
+current step finish and saves it (:mod:`~pyro_arm.sbn.interrupts`; a second one aborts, leaving
+the last checkpoint); a step whose loss or parameters are not finite ends the run
+(:class:`TrainingDiverged`) before it is saved; a fresh run only starts in a missing or empty
+folder, and removes what it wrote if it fails before its first checkpoint
+(:mod:`~pyro_arm.sbn.rundir`).
+
 All losses are in nats per datapoint; ``train_loss`` is the mean training ``-ELBO`` over the
 steps since the previous row.
 """
