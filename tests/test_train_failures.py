@@ -8,7 +8,6 @@ with one line ``pyro-arm: error: ...`` and exit status 2, leaving no empty run f
 import errno
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -127,6 +126,8 @@ def test_run_dir_is_a_file_or_below_one(tmp_path, capsys):
     assert status == 2 and f"--run-dir {path} is a file, not a folder" in err
     status, _, err = train(capsys, "--run-dir", str(path / "run"), *FAST)
     assert status == 2 and f"would be inside {path}, which is a file" in err
+    status, _, err = train(capsys, "--resume", "--run-dir", str(path / "run"), *FAST)
+    assert status == 2 and f"would be inside {path}, which is a file" in err
     assert path.read_text() == "x"
 
 
@@ -182,14 +183,18 @@ def test_file_size_limit_in_a_subprocess(tmp_path):
     """A real write failure: RLIMIT_FSIZE below the checkpoint's size (Python ignores SIGXFSZ,
     so the write fails with EFBIG)."""
     run = tmp_path / "run"
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
-
+    # the limit is set by the child itself (no preexec_fn in this multi-threaded process)
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))\n"
+        "from pyro_arm.sbn.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = ["train", "--steps", "2", "--run-dir", str(run), *FAST]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "pyro_arm", "train", "--steps", "2", "--run-dir", str(run), *FAST],
-        capture_output=True, text=True, cwd=ROOT, env=env, preexec_fn=limit, timeout=300,
+        [sys.executable, "-c", code, *args],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("pyro-arm: error: File too large on ")

@@ -25,6 +25,7 @@ from typing import NoReturn, Optional, Sequence
 from pyro_arm.sbn.checkpoint import load_checkpoint
 from pyro_arm.sbn.config import TRAJECTORY_FIELDS, ConfigError, TrainConfig, flag
 from pyro_arm.sbn.data import DataError
+from pyro_arm.sbn.rundir import check_location
 from pyro_arm.sbn.train import TrainingDiverged, TrainingInterrupted, train
 
 PROG = "pyro-arm"
@@ -116,6 +117,7 @@ def _train(args: argparse.Namespace) -> None:
     config, explicit = config_from_args(args)
     config.validate()
     checkpoint = None
+    check_location(config.resolved_run_dir())
     if args.resume:
         checkpoint = load_checkpoint(config.resolved_run_dir() / "checkpoint.pt")
         config = resume_config(checkpoint["config"], config, explicit)
