@@ -69,3 +69,39 @@ def test_bad_files(tmp_path, content, message):
         torch.save(content, path)
     with pytest.raises(ConfigError, match=message):
         load_checkpoint(path)
+
+
+class NotATensor:
+    """A pickled object that ``weights_only=True`` refuses to load."""
+
+
+def test_an_unsafe_checkpoint_is_refused_without_torch_advice(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": 1, "model": NotATensor()}, path)
+    with pytest.raises(ConfigError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "holds objects other than tensors and plain values" in message
+    assert "weights_only" not in message and "\n" not in message
+
+
+def test_missing_key(tmp_path):
+    state = state_after_two_steps()
+    ckpt = state.to_checkpoint({"model": "tiny"})
+    del ckpt["optimizer"]
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(ckpt, path)
+    with pytest.raises(ConfigError, match="lacks 'optimizer'; it is damaged"):
+        load_checkpoint(path)
+
+
+def test_another_architecture(tmp_path):
+    ckpt = state_after_two_steps().to_checkpoint({"model": "tiny"})
+    other = SigmoidBeliefNet(x_dim=6, latent_dims=(4,))
+    optimizer = torch.optim.Adam(other.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match=r"does not fit this model \(.*size mismatch"):
+        TrainState.from_checkpoint(ckpt, other, optimizer, torch.device("cpu"))
+    deeper = SigmoidBeliefNet(x_dim=6, latent_dims=(3, 2))
+    optimizer = torch.optim.Adam(deeper.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="does not fit this model .*Missing key"):
+        TrainState.from_checkpoint(ckpt, deeper, optimizer, torch.device("cpu"))

@@ -24,6 +24,10 @@ from pyro_arm.sbn.elbo import estimator_choices, make_elbo
         ({"binarization": "otsu"}, "--binarization: invalid choice: 'otsu'"),
         ({"device": "tpu"}, "--device: unknown device 'tpu'"),
         ({"model": "resnet"}, "unknown model 'resnet'"),
+        ({"seed": -1}, "--seed: expected an integer from 0 to 2\\*\\*64-1, got -1"),
+        ({"seed": 10**21}, "--seed: expected an integer from 0 to 2\\*\\*64-1"),
+        ({"seed": 1e21}, "--seed: expected an integer"),
+        ({"threads": 0}, "--threads: expected a positive integer"),
     ],
 )
 def test_validate(changes, message):
@@ -33,7 +37,7 @@ def test_validate(changes, message):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1", "auto"])
 def test_devices(device):
-    TrainConfig(device=device, seed=-3, test_size=None).validate()
+    TrainConfig(device=device, seed=2**64 - 1, test_size=None).validate()
 
 
 def test_every_field_is_a_cli_option():

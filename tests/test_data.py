@@ -151,6 +151,13 @@ def test_missing_folder_and_file(tmp_path):
         load_mnist(folder)
 
 
+def test_data_naming_a_file(tmp_path):
+    path = tmp_path / "mnist.gz"
+    path.write_bytes(b"x")
+    with pytest.raises(DataError, match=r"--data .*mnist.gz is a file, not a folder"):
+        load_mnist(path)
+
+
 def test_unknown_binarization():
     with pytest.raises(DataError, match="unknown binarization"):
         load_mnist("embedded", "otsu")
@@ -241,6 +248,23 @@ def test_load_download_uses_cache_dir(fake_remote, tmp_path, monkeypatch):
     )
     d = load_mnist("download", cache_dir=tmp_path / "cache")
     assert d.num_examples("test") == 7
+
+
+def test_a_raw_file_in_the_cache_is_checksummed(fake_remote, tmp_path, monkeypatch):
+    _, remote = fake_remote
+    mirror = remote.as_uri() + "/"
+    monkeypatch.setattr(
+        data, "download_mnist", lambda cache: download_mnist(cache, mirrors=(mirror,))
+    )
+    cache = tmp_path / "cache"
+    assert load_mnist("download", cache_dir=cache).num_examples("test") == 7
+    # a valid IDX file, but not the published one: read before the .gz, so it must be checked
+    stem = "t10k-labels-idx1-ubyte"
+    (cache / stem).write_bytes(idx_bytes(np.zeros(7, dtype=np.uint8)))
+    with pytest.raises(DataError, match=rf"{stem} fails its checksum .*delete it"):
+        load_mnist("download", cache_dir=cache)
+    # the same bytes in a --data folder are read unchecked (any dataset in the MNIST layout)
+    assert read_idx_folder(cache)["test_labels"].tolist() == [0] * 7
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):

@@ -10,6 +10,9 @@ are inverse to each other, so a resumed run continues bit for bit (on the same d
 
 from __future__ import annotations
 
+import io
+import pickle
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,9 +21,21 @@ import torch
 from torch import nn
 
 from pyro_arm.sbn.config import ConfigError
-from pyro_arm.sbn.files import atomic_write
+from pyro_arm.sbn.files import atomic_write_bytes
 
 CHECKPOINT_FORMAT = 1
+#: The keys every checkpoint has.
+CHECKPOINT_KEYS = (
+    "format",
+    "config",
+    "model",
+    "optimizer",
+    "torch_rng",
+    "step",
+    "train_wall_s",
+    "interval_sum",
+    "interval_count",
+)
 
 
 @dataclass
@@ -82,9 +97,21 @@ class TrainState:
     def from_checkpoint(
         cls, ckpt: dict, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
     ) -> TrainState:
-        """Loads ``ckpt`` into ``module``, ``optimizer`` and the RNGs; returns the state."""
-        module.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        """
+        Loads ``ckpt`` into ``module``, ``optimizer`` and the RNGs; returns the state.
+
+        :raises ConfigError: if the checkpoint's weights or optimizer state do not fit
+            ``module`` (another architecture) or a key is missing.
+        """
+        try:
+            module.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            what = textwrap.shorten(" ".join(str(e).split()) or type(e).__name__, 240)
+            raise ConfigError(
+                f"the checkpoint does not fit this model ({what}); it belongs to another run: "
+                "pick another --run-dir"
+            ) from None
         torch.set_rng_state(ckpt["torch_rng"])
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
@@ -101,8 +128,23 @@ class TrainState:
 
 
 def save_checkpoint(ckpt: dict, path: Path) -> None:
-    """Writes a checkpoint dict atomically (:func:`~pyro_arm.sbn.files.atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+    """
+    Writes a checkpoint dict atomically (:func:`~pyro_arm.sbn.files.atomic_write`). It is
+    serialized in memory first, so that a failed write (a full disk) raises the ``OSError``.
+    """
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _reason(error: Exception) -> str:
+    """What is wrong with an unreadable checkpoint, without torch's advice to unpickle it."""
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds objects other than tensors and plain values"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if "weights_only" in first:
+        first = ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -113,11 +155,19 @@ def load_checkpoint(path: Path) -> dict:
         raise ConfigError(
             f"no checkpoint {path} to resume from; start the run without --resume"
         ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a checkpoint; pick another --run-dir") from None
     except Exception as e:  # any unpickling / zip error means a damaged file
         raise ConfigError(
-            f"cannot read checkpoint {path} ({type(e).__name__}: {e}); delete it and start "
+            f"cannot read checkpoint {path} ({_reason(e)}); delete the run folder and start "
             "again, or pick another --run-dir"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path} is not a pyro-arm checkpoint; pick another --run-dir")
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise ConfigError(
+            f"checkpoint {path} lacks {', '.join(map(repr, missing))}; it is damaged: pick "
+            "another --run-dir"
+        )
     return ckpt

@@ -9,8 +9,10 @@ Pyro estimator (see :mod:`pyro_arm.sbn.train`). Its options are generated from t
 checkpoint: options not given are taken from the saved run, and options that fix the trajectory
 (:data:`~pyro_arm.sbn.config.TRAJECTORY_FIELDS`) may not change.
 
-Bad input ends with one line ``pyro-arm: error: <what is wrong and what to do>`` and exit status
-2; an interrupted run (Ctrl-C) saves a checkpoint and exits with status 130.
+Bad input, a diverged run and a file-system error (read-only folder, full disk) end with one line
+``pyro-arm: error: <what is wrong and what to do>`` and exit status 2. The first SIGINT (Ctrl-C)
+or SIGTERM lets the current step finish, saves a checkpoint of it and exits with status 130
+(SIGINT) or 143 (SIGTERM); a second one aborts at once, keeping the last checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import NoReturn, Optional, Sequence
 from pyro_arm.sbn.checkpoint import load_checkpoint
 from pyro_arm.sbn.config import TRAJECTORY_FIELDS, ConfigError, TrainConfig, flag
 from pyro_arm.sbn.data import DataError
-from pyro_arm.sbn.train import TrainingInterrupted, train
+from pyro_arm.sbn.rundir import check_location
+from pyro_arm.sbn.train import TrainingDiverged, TrainingInterrupted, train
 
 PROG = "pyro-arm"
 
@@ -114,6 +117,7 @@ def _train(args: argparse.Namespace) -> None:
     config, explicit = config_from_args(args)
     config.validate()
     checkpoint = None
+    check_location(config.resolved_run_dir())
     if args.resume:
         checkpoint = load_checkpoint(config.resolved_run_dir() / "checkpoint.pt")
         config = resume_config(checkpoint["config"], config, explicit)
@@ -125,8 +129,21 @@ def _error(message: str, status: int = 2) -> int:
     return status
 
 
+def _os_error(e: OSError) -> str:
+    """One line for a file-system error: what failed, on which file, and what to check."""
+    reason = e.strerror or str(e)
+    where = f" on {e.filename}" if e.filename else ""
+    return (
+        f"{reason}{where}; check that the run folder is writable and the disk is not full, "
+        "then --resume (or start again)"
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs ``pyro-arm``; returns the exit status (0 success, 2 bad input, 130 interrupted)."""
+    """
+    Runs ``pyro-arm``; returns the exit status: 0 success, 2 bad input (or a diverged run, or a
+    file-system error), 128 + the signal number when interrupted (130 SIGINT, 143 SIGTERM).
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -137,16 +154,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         _train(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, TrainingDiverged) as e:
         return _error(str(e))
-    except FloatingPointError as e:
-        return _error(str(e), 1)
+    except OSError as e:
+        return _error(_os_error(e))
     except TrainingInterrupted as e:
-        return _error(
-            f"interrupted at step {e.step}; checkpoint saved in {e.run_dir}, continue with the "
-            "same command plus --resume",
-            130,
-        )
+        return _error(str(e), 128 + e.signum)
     except KeyboardInterrupt:
         return _error("interrupted", 130)
     return 0

@@ -56,6 +56,15 @@ def _positive_number(name: str, value: Any) -> None:
         raise ConfigError(f"{flag(name)}: expected a positive number, got {value!r}")
 
 
+#: Seeds are 64-bit unsigned integers (what :func:`torch.manual_seed` accepts).
+MAX_SEED = 2**64 - 1
+
+
+def _seed(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{flag(name)}: expected an integer from 0 to 2**64-1, got {value!r}")
+
+
 def _architecture(name: str, value: Any) -> None:
     try:
         parse_architecture(value)
@@ -143,7 +152,12 @@ class TrainConfig:
         "or a folder with the four MNIST IDX files, e.g. ../shared/data/mnist",
         metavar="SOURCE",
     )
-    seed: int = option(0, "seeds the initialization, the data order and the samples", type=int)
+    seed: int = option(
+        0,
+        "seeds the initialization, the data order and the samples (0 to 2**64-1)",
+        type=int,
+        check=_seed,
+    )
     device: str = option("auto", "cpu, cuda, cuda:N or auto (CUDA if available)", check=_device)
     num_particles: int = option(1, "ELBO particles per step", type=int, check=_positive_int)
     vectorize: bool = option(
@@ -162,6 +176,12 @@ class TrainConfig:
         check=_positive_int,
     )
     checkpoint_every: int = option(1000, "steps between checkpoints", type=int, check=_positive_int)
+    threads: Optional[int] = option(
+        None,
+        "CPU threads of torch (torch.set_num_threads; default: torch's own choice)",
+        type=int,
+        check=_positive_int,
+    )
     run_dir: Optional[str] = option(
         None, "run folder (default runs/<model>-<estimator>-s<seed>)", metavar="DIR"
     )

@@ -24,7 +24,8 @@ Three sources, one API (:func:`load_mnist` returns an :class:`MNISTData`):
   dataset in the MNIST layout (e.g. Fashion-MNIST) reads the same way.
 - ``"download"``: fetches the gzip files into a cache folder (``$PYRO_ARM_CACHE/mnist``, else
   ``$XDG_CACHE_HOME/pyro-arm/mnist``, else ``~/.cache/pyro-arm/mnist``), checks the MD5 of the
-  decompressed content against the published values, and writes each file atomically.
+  decompressed content against the published values, and writes each file atomically. The files
+  read back from the cache are checked again, a raw (uncompressed) file put there included.
 
 Splits: ``train`` is the first 50,000 training images, ``valid`` the last 10,000, ``test`` the
 10,000 test images (the embedded subset follows the same rule on fewer images).
@@ -148,24 +149,45 @@ def _find(folder: Path, stem: str) -> Path:
     )
 
 
-def read_idx_folder(folder: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
+def _check_md5(path: Path, raw: bytes, md5: str) -> None:
+    if _md5(raw) != md5:
+        raise DataError(
+            f"{path} fails its checksum (MD5 {_md5(raw)}, expected {md5}); delete it and run "
+            "again to download it anew"
+        )
+
+
+def read_idx_folder(
+    folder: Union[str, os.PathLike], *, verify: bool = False
+) -> dict[str, np.ndarray]:
     """
     Reads the four standard MNIST IDX files (raw or ``.gz``) from ``folder``.
 
+    :param verify: check the MD5 of each file's (decompressed) content against
+        :data:`MNIST_FILES`, raw files included (the download cache is read so).
     :returns: ``{"train_images": (60000, 784) uint8, "train_labels": (60000,) uint8,
         "test_images": ..., "test_labels": ...}`` (any counts, as the headers declare).
-    :raises DataError: if the folder or a file is missing or malformed.
+    :raises DataError: if the folder or a file is missing, malformed or (``verify``) has the
+        wrong checksum.
     """
     folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise DataError(
+            f"--data {folder} is a file, not a folder; pass the folder holding the MNIST IDX "
+            "files, 'embedded' or 'download'"
+        )
     if not folder.is_dir():
         raise DataError(
             f"data folder {folder} does not exist; pass a folder holding the MNIST IDX files, "
             "'embedded' or 'download'"
         )
     out = {}
-    for key, (stem, _) in MNIST_FILES.items():
+    for key, (stem, md5) in MNIST_FILES.items():
         path = _find(folder, stem)
-        array = parse_idx(_read_bytes(path), name=str(path))
+        raw = _read_bytes(path)
+        if verify:
+            _check_md5(path, raw, md5)
+        array = parse_idx(raw, name=str(path))
         if key.endswith("images"):
             if array.ndim != 3 or array.shape[1:] != (28, 28):
                 raise DataError(f"{path}: expected images of 28x28 pixels, got shape {array.shape}")
@@ -453,11 +475,9 @@ def load_mnist(
         images = {s: embedded[s][0] for s in SPLITS}
         labels = {s: embedded[s][1] for s in SPLITS}
         return MNISTData(images, labels, binarization, source="embedded")
-    if isinstance(source, str) and source == "download":
-        folder = download_mnist(cache_dir)
-    else:
-        folder = Path(source).expanduser()
-    arrays = read_idx_folder(folder)
+    download = isinstance(source, str) and source == "download"
+    folder = download_mnist(cache_dir) if download else Path(source).expanduser()
+    arrays = read_idx_folder(folder, verify=download)
     n_train = len(arrays["train_images"]) - NUM_VALID
     images = {
         "train": arrays["train_images"][:n_train],

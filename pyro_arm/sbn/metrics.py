@@ -13,22 +13,47 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from pyro_arm.sbn.config import ConfigError
 from pyro_arm.sbn.files import atomic_write_text
 
 METRICS_FIELDS = ("step", "epoch", "train_loss", "valid_neg_elbo", "train_wall_s")
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a ``metrics.csv`` as dicts of numbers (missing values as ``nan``)."""
+def _parse_row(path: Path, line: int, row: dict) -> dict:
+    try:
+        if None in row or any(row.get(k) in ("", None) for k in METRICS_FIELDS):
+            raise ValueError
+        out = {k: float(row[k]) for k in METRICS_FIELDS}
+        out["step"] = int(row["step"])
+    except ValueError:
+        text = ",".join(str(v) for v in row.values() if v is not None)[:60]
+        raise ConfigError(
+            f"{path} line {line} is not a metrics row ({text!r}); delete that line and the ones "
+            "after it, then --resume again"
+        ) from None
+    if not math.isfinite(out["step"]) or out["step"] < 0:
+        raise ConfigError(f"{path} line {line}: bad step {row['step']!r}")
+    return out
+
+
+def read_metrics(path: Path, *, drop_torn: bool = False) -> list[dict]:
+    """
+    The rows of a ``metrics.csv`` as dicts of numbers.
+
+    :param drop_torn: drop a last line without its newline: a row cut off by a killed run
+        (always one after the last checkpoint, which is written after its row).
+    :raises ConfigError: on a malformed row or header, naming the file and line.
+    """
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    out = []
-    for row in rows:
-        out.append({k: float(v) if v not in ("", None) else math.nan for k, v in row.items()})
-        out[-1]["step"] = int(out[-1]["step"])
-    return out
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if drop_torn and text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if text and tuple(reader.fieldnames or ()) != METRICS_FIELDS:
+        raise ConfigError(f"{path} does not start with the header {','.join(METRICS_FIELDS)}")
+    rows = [_parse_row(path, reader.line_num, row) for row in reader]
+    return rows
 
 
 def _csv_text(rows: Sequence[dict], header: bool) -> str:
@@ -47,7 +72,8 @@ def write_metrics(path: Path, rows: Sequence[dict]) -> None:
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Keeps the rows up to ``step``: those written after a checkpoint are redone on resume."""
-    write_metrics(path, [r for r in read_metrics(path) if r["step"] <= step])
+    rows = read_metrics(path, drop_torn=True)
+    write_metrics(path, [r for r in rows if r["step"] <= step])
 
 
 def append_metrics(path: Path, row: dict) -> None:

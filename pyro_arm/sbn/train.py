@@ -19,14 +19,23 @@ checkpoint (:class:`~pyro_arm.sbn.checkpoint.TrainState`); evaluations run on fo
 that they do not perturb it. Resuming from a checkpoint therefore gives the same parameters, bit
 for bit on the same device, as an uninterrupted run.
 
+Nothing finished is lost, and nothing is overwritten: the first SIGINT or SIGTERM lets the
+current step finish and saves it (:mod:`~pyro_arm.sbn.interrupts`; a second one aborts, leaving
+the last checkpoint); a step whose loss or parameters are not finite ends the run
+(:class:`TrainingDiverged`) before it is saved; a fresh run only starts in a missing or empty
+folder, and removes what it wrote if it fails before its first checkpoint
+(:mod:`~pyro_arm.sbn.rundir`).
+
 All losses are in nats per datapoint; ``train_loss`` is the mean training ``-ELBO`` over the
 steps since the previous row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -44,20 +53,55 @@ from pyro_arm.sbn.data import MNISTData, load_mnist
 from pyro_arm.sbn.elbo import make_elbo
 from pyro_arm.sbn.evaluate import evaluate_sbn, negative_elbo
 from pyro_arm.sbn.files import atomic_write_text
+from pyro_arm.sbn.interrupts import Aborted, StopSignals, signal_name
 from pyro_arm.sbn.metrics import append_metrics, read_metrics, truncate_metrics, write_metrics
 from pyro_arm.sbn.models import SigmoidBeliefNet, build_sbn
+from pyro_arm.sbn.resources import check_fits
+from pyro_arm.sbn.rundir import check_fresh, check_location, fresh_run_folder
 from pyro_arm.sbn.seeding import Stream, forked, generator, seed_global
 
-__all__ = ["TrainingInterrupted", "make_elbo", "train"]
+__all__ = ["TrainingDiverged", "TrainingInterrupted", "make_elbo", "train"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training was interrupted; a checkpoint of the last finished step was saved."""
+    """
+    Training was interrupted; ``checkpoint.pt`` holds step :attr:`step` (0: none was written).
 
-    def __init__(self, step: int, run_dir: Path):
+    :param signum: the signal (SIGINT for a plain ``KeyboardInterrupt``).
+    :param aborted: a second signal stopped the run at once, without saving.
+    """
+
+    def __init__(self, step: int, run_dir: Path, signum: int = signal.SIGINT, aborted=False):
         super().__init__(step, run_dir)
-        self.step = step
-        self.run_dir = run_dir
+        self.step, self.run_dir, self.signum, self.aborted = step, run_dir, signum, aborted
+
+    def __str__(self) -> str:
+        name = signal_name(self.signum)
+        if self.step == 0:
+            saved = "no checkpoint had been written yet, so nothing was kept"
+        elif self.aborted:
+            saved = f"{self.run_dir / 'checkpoint.pt'} is unchanged (step {self.step})"
+        else:
+            saved = f"checkpoint of step {self.step} saved in {self.run_dir}"
+        how = "aborted by a second" if self.aborted else "interrupted by"
+        resume = "; continue with the same command plus --resume" if self.step else ""
+        return f"{how} {name}; {saved}{resume}"
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the parameters became non-finite; nothing of that step was saved."""
+
+    def __init__(self, what: str, step: int, saved_step: int, run_dir: Path, lr: float):
+        kept = (
+            f"the checkpoint of step {saved_step} in {run_dir} is kept"
+            if saved_step
+            else "no checkpoint had been written"
+        )
+        super().__init__(
+            f"training diverged at step {step}: {what}; {kept}; start again with a smaller --lr "
+            f"(now {lr:g}) in a new --run-dir"
+        )
+        self.step, self.saved_step = step, saved_step
 
 
 class _TrainStream:
@@ -105,10 +149,16 @@ class _Run:
 
 def _build(config: TrainConfig) -> _Run:
     device = resolve_device(config.device)
+    check_fits(config.model, device)
     data = load_mnist(config.data, config.binarization)
     torch.manual_seed(config.seed)  # the initial parameters
     pyro.clear_param_store()
-    sbn = build_sbn(config.model, data.train_pixel_mean()).to(device)
+    try:
+        sbn = build_sbn(config.model, data.train_pixel_mean()).to(device)
+    except RuntimeError as e:  # torch.OutOfMemoryError and other allocator errors
+        raise ConfigError(
+            f"--model {config.model} does not fit in memory ({e}); choose smaller layers"
+        ) from None
     elbo = make_elbo(config.estimator, config.num_particles, config.vectorize)
     stream = _TrainStream(data, config.batch_size, config.seed, device)
     x_valid = data.fixed("valid", seed=0).to(device)
@@ -124,8 +174,27 @@ def _start(run: _Run, checkpoint: Optional[dict], log: Callable[[str], None]) ->
         return TrainState(run.sbn, optimizer, run.device)
     state = TrainState.from_checkpoint(checkpoint, run.sbn, optimizer, run.device)
     truncate_metrics(run.metrics_path, state.step)
-    log(f"resuming {run.dir} at step {state.step} of {run.config.steps}")
+    if state.step == run.config.steps:
+        log(f"{run.dir} already reached step {state.step} (--steps); evaluating it again")
+    else:
+        log(f"resuming {run.dir} at step {state.step} of {run.config.steps}")
     return state
+
+
+def _check_resume(checkpoint: dict, config: TrainConfig) -> None:
+    """:raises ConfigError: if the checkpoint is past ``config.steps``."""
+    step = int(checkpoint["step"])
+    if step > config.steps:
+        raise ConfigError(
+            f"the checkpoint in {config.resolved_run_dir()} is at step {step}, past --steps "
+            f"{config.steps}; pass --steps {step} or more to continue it"
+        )
+
+
+def _apply_threads(config: TrainConfig) -> None:
+    """``--threads``: :func:`torch.set_num_threads` (torch's default when not given)."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
 
 
 def _versions() -> dict:
@@ -150,6 +219,7 @@ def _write_info(run: _Run) -> None:
             **{f"num_{s}": data.num_examples(s) for s in ("train", "valid", "test")},
         },
         "steps_per_epoch": run.stream.steps_per_epoch,
+        "threads": torch.get_num_threads(),
     }
     atomic_write_text(run.dir / "config.json", json.dumps(info, indent=2) + "\n")
 
@@ -169,12 +239,18 @@ def _train_step(run: _Run, state: TrainState) -> float:
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     seconds = time.perf_counter() - t0
-    if not math.isfinite(loss):
-        raise FloatingPointError(
-            f"the loss became {loss} at step {state.step + 1}; try a smaller --lr"
-        )
+    _check_finite(run.sbn, loss)
     state.record(loss, seconds)
     return loss
+
+
+def _check_finite(sbn: SigmoidBeliefNet, loss: float) -> None:
+    """:raises FloatingPointError: if the loss or, after the step, a parameter is not finite."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the loss became {loss}")
+    finite = torch.stack([p.detach().isfinite().all() for p in sbn.parameters()]).all()
+    if not finite:
+        raise FloatingPointError("the parameters became non-finite after the optimizer step")
 
 
 def _metrics_row(run: _Run, state: TrainState) -> dict:
@@ -192,10 +268,17 @@ def _metrics_row(run: _Run, state: TrainState) -> dict:
 
 
 class _Loop:
-    """The training loop: steps, metrics rows, checkpoints, and a clean stop on Ctrl-C."""
+    """
+    The training loop: steps, metrics rows, checkpoints, and a clean stop.
 
-    def __init__(self, run: _Run, state: TrainState, bar, say, callback):
+    A checkpoint is only written after a step whose loss and parameters are finite. A stop
+    signal (:class:`~pyro_arm.sbn.interrupts.StopSignals`) lets the current step and its metrics
+    row finish, then saves it; a second signal aborts at once, leaving the last checkpoint.
+    """
+
+    def __init__(self, run: _Run, state: TrainState, bar, say, callback, stop: StopSignals):
         self.run, self.state, self.bar, self.say, self.callback = run, state, bar, say, callback
+        self.stop = stop
         self.saved_step = state.step
 
     def save(self) -> None:
@@ -211,7 +294,11 @@ class _Loop:
         return self.state.step % every == 0 or self.state.step == self.run.config.steps
 
     def _step_and_row(self) -> float:
-        loss = _train_step(self.run, self.state)
+        try:
+            loss = _train_step(self.run, self.state)
+        except FloatingPointError as e:
+            step, config = self.state.step + 1, self.run.config
+            raise TrainingDiverged(str(e), step, self.saved_step, self.run.dir, config.lr) from None
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{self.state.ema:.2f}", refresh=False)
         if self._due(self.run.config.eval_every):
@@ -222,25 +309,34 @@ class _Loop:
             )
         return loss
 
+    def _steps(self) -> None:
+        """Steps until ``config.steps`` or a stop request; raises KeyboardInterrupt mid-step."""
+        while self.state.step < self.run.config.steps and not self.stop.requested:
+            self.consistent = False  # a step and its metrics row are half done
+            loss = self._step_and_row()
+            self.consistent = True
+            if self._due(self.run.config.checkpoint_every):
+                self.save()
+            if self.callback is not None:
+                self.callback(self.state.step, loss)
+
     def __call__(self) -> None:
-        """Runs up to ``config.steps``; on Ctrl-C saves what is consistent and raises."""
-        consistent = True  # False while a step and its metrics row are half done
+        """Runs up to ``config.steps`` and saves; on a stop, saves what is consistent and raises
+        :class:`TrainingInterrupted`."""
+        self.consistent = True
         try:
-            while self.state.step < self.run.config.steps:
-                consistent = False
-                loss = self._step_and_row()
-                consistent = True
-                if self._due(self.run.config.checkpoint_every):
-                    self.save()
-                if self.callback is not None:
-                    self.callback(self.state.step, loss)
-        except KeyboardInterrupt:
-            self.bar.close()
-            if consistent:  # else keep the last checkpoint; the half-done step is redone
+            self._steps()
+            self.save()
+        except Aborted as e:
+            raise TrainingInterrupted(self.saved_step, self.run.dir, e.signum, True) from None
+        except KeyboardInterrupt:  # raised inside a step (no signal handler, or a callback)
+            if self.consistent:  # else keep the last checkpoint; the half-done step is redone
                 self.save()
             raise TrainingInterrupted(self.saved_step, self.run.dir) from None
-        self.bar.close()
-        self.save()
+        finally:
+            self.bar.close()
+        if self.stop.requested:
+            raise TrainingInterrupted(self.saved_step, self.run.dir, self.stop.signum)
 
 
 def _summary(run: _Run, state: TrainState, result: dict, eval_wall_s: float) -> dict:
@@ -304,35 +400,53 @@ def train(
 
     :param config: the run's configuration.
     :param checkpoint: a checkpoint of this run (:func:`~pyro_arm.sbn.checkpoint.load_checkpoint`)
-        to continue from, up to ``config.steps``. Without one, the run folder must not hold a
-        checkpoint yet.
+        to continue from, up to ``config.steps``. Without one, the run folder must be missing or
+        empty, and is removed again if the run fails before its first checkpoint.
     :param progress: show a tqdm progress bar (on stderr).
     :param log: where the one-line messages go.
     :param callback: ``callback(step, loss)`` after every step (``step`` counts finished steps).
     :returns: the summary dict, also written to ``summary.json``.
     :raises ConfigError: bad options or run folder. :raises DataError: bad data.
-    :raises TrainingInterrupted: on ``KeyboardInterrupt``, after saving a checkpoint.
+    :raises TrainingInterrupted: on SIGINT / SIGTERM (``KeyboardInterrupt``), after the current
+        step and a checkpoint of it; at once, without saving, on a second signal.
+    :raises TrainingDiverged: if the loss or the parameters become non-finite (the last
+        checkpoint is kept).
     """
-    from tqdm.auto import tqdm
-
     config.validate()
     run_dir = config.resolved_run_dir()
-    if checkpoint is None and (run_dir / "checkpoint.pt").exists():
-        raise ConfigError(
-            f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
-            "--run-dir (or delete the folder)"
-        )
-    run = _build(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = _start(run, checkpoint, log)
-    _write_info(run)
+    check_location(run_dir)
+    if checkpoint is None:
+        check_fresh(run_dir)
+    else:
+        _check_resume(checkpoint, config)
+    _apply_threads(config)
+    with StopSignals(_STOP_MESSAGE) as stop:
+        try:
+            run = _build(config)
+            folder = fresh_run_folder(run_dir) if checkpoint is None else contextlib.nullcontext()
+            with folder:
+                state = _start(run, checkpoint, log)
+                _write_info(run)
+                _run_loop(run, state, progress, log, callback, stop)
+        except Aborted as e:  # before or after the loop: the checkpoint is as it was
+            step = int(checkpoint["step"]) if checkpoint is not None else 0
+            raise TrainingInterrupted(step, run_dir, e.signum, aborted=True) from None
+    return _finish(run, state, log)
+
+
+_STOP_MESSAGE = "stopping after the current step (send it again to abort at once)"
+
+
+def _run_loop(run: _Run, state: TrainState, progress: bool, log, callback, stop) -> None:
+    """The loop of :class:`_Loop`, with a progress bar."""
+    from tqdm.auto import tqdm
+
     bar = tqdm(
-        total=config.steps,
+        total=run.config.steps,
         initial=state.step,
         disable=not progress,
-        desc=f"{config.model}/{config.estimator}",
+        desc=f"{run.config.model}/{run.config.estimator}",
         dynamic_ncols=True,
         file=sys.stderr,
     )
-    _Loop(run, state, bar, bar.write if progress else log, callback)()
-    return _finish(run, state, log)
+    _Loop(run, state, bar, bar.write if progress else log, callback, stop)()
