@@ -42,6 +42,10 @@ class _Run:
         self.sampler: BaseSampleMessenger = sampler
         self.arm_sites = sampler.arm_sites
         self.dependencies: Optional[Dependencies] = None
+        # the last sample site of the guide, factors included
+        self.last_site = next(
+            (n for n, s in reversed(guide_trace.nodes.items()) if s["type"] == "sample"), None
+        )
 
     def elbo(self) -> torch.Tensor:
         elbo = self.model_trace.log_prob_sum() - self.guide_trace.log_prob_sum()
@@ -151,9 +155,10 @@ class _Run:
     def branch_costs(self, name: str, args, kwargs) -> MultiFrameTensor:
         """The costs of the branch that flips ARM site ``name``."""
         flip = BranchMessenger(self.sampler, [name])
-        if name != self.sampler.order[-1]:
+        if name != self.last_site:
             return _run_costs(self.model, flip(self.guide), args, kwargs)
-        # Nothing is sampled after the last site: only its own log q and the model change,
+        # Nothing (no sample, no factor) follows the last site: only its own log q and the
+        # model change,
         # unless the flip makes the model sample a site the base run lacks; then the guide
         # would sample it too, and the branch runs guide and model.
         with torch.no_grad(), pyro.validation_enabled(False):
@@ -371,18 +376,38 @@ class TraceARM_ELBO(ELBO):
                 baselines[i][name] = baseline
 
 
+#: Messages of the errors that torch raises when code converts a batched tensor to a Python
+#: number or bool: the signature of value-dependent control flow.
+_CONTROL_FLOW_ERRORS = (
+    "cannot be converted to Scalar",
+    "Boolean value of Tensor with more than one value is ambiguous",
+    "only one element tensors can be converted to Python scalars",
+)
+
+
+def is_control_flow_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is what torch raises when code reads a batched tensor as one number."""
+    return isinstance(exc, (RuntimeError, ValueError)) and any(
+        message in str(exc) for message in _CONTROL_FLOW_ERRORS
+    )
+
+
 @contextmanager
 def _batched_pass_errors(seen: Optional[list]):
     """
-    Turns a RuntimeError that user code raises inside a batched pass into a clear error naming
-    the last site of ``seen``; inactive when ``seen`` is None.
+    Turns an error of value-dependent control flow that user code raises inside a batched pass
+    into a clear error naming the last site of ``seen``; inactive when ``seen`` is None. Any
+    other error (out of memory, a shape bug) keeps its type and message, with a note added.
     """
     try:
         yield
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         if seen is None:
             raise
         where = f"after site '{seen[-1]}'" if seen else "before the first site"
+        if not is_control_flow_error(exc):
+            exc.add_note(f"(raised {where} in a batched pass of particles or antithetic branches)")
+            raise
         raise NotImplementedError(
             f"Model or guide failed {where} in a batched pass of particles or antithetic "
             f"branches: {exc}. Code that converts a sampled value to a Python number or "
