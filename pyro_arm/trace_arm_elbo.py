@@ -158,9 +158,8 @@ class _Run:
         if name != self.last_site:
             return _run_costs(self.model, flip(self.guide), args, kwargs)
         # Nothing (no sample, no factor) follows the last site: only its own log q and the
-        # model change,
-        # unless the flip makes the model sample a site the base run lacks; then the guide
-        # would sample it too, and the branch runs guide and model.
+        # model change, unless the flip makes the model sample a site the base run lacks;
+        # then the guide would sample it too, and the branch runs guide and model.
         with torch.no_grad(), pyro.validation_enabled(False):
             model_trace = poutine.trace(flip(self.model)).get_trace(*args, **kwargs)
             model_trace = prune_subsample_sites(model_trace)
@@ -354,7 +353,7 @@ class TraceARM_ELBO(ELBO):
     def _leave_one_out(self, signals: list, baselines: list, runs: list) -> None:
         """Leave-one-out baselines across particles for the sites without their own."""
         if self.vectorize_particles:
-            dim = -self.max_plate_nesting - 1
+            dim = -self.max_plate_nesting  # the particles plate (see ELBO)
             for name, signal in signals[0].items():
                 if name in baselines[0] or signal.dim() < -dim:
                     continue
