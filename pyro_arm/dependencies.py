@@ -75,7 +75,7 @@ def needs_dependencies(guide_trace: Trace, arm_sites) -> bool:
     """
     frames_so_far = None
     for name, site in guide_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"]:
+        if site["type"] != "sample" or site["is_observed"] or is_subsample_site(site):
             continue
         if name not in arm_sites and not site["fn"].has_rsample:
             return True
