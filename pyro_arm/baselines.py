@@ -105,8 +105,6 @@ def site_baseline(
         baseline = baseline + options.nn_baseline(detach(options.nn_baseline_input))
     elif options.baseline_value is not None:
         baseline = baseline + options.baseline_value
-    if options.nn_baseline is not None or options.baseline_value is not None:
-        loss = squared_error(signal, baseline)
     shape = torch.as_tensor(baseline).shape
     try:
         torch.broadcast_shapes(shape, signal.shape)
@@ -115,4 +113,6 @@ def site_baseline(
             f"Expected the baseline at site '{name}' to broadcast to {tuple(signal.shape)}, "
             f"got {tuple(shape)}"
         ) from None
+    if options.nn_baseline is not None or options.baseline_value is not None:
+        loss = squared_error(signal, baseline)
     return baseline, loss

@@ -496,13 +496,42 @@ def global_after_locals_reading_them(size: int = 3):
     return _locals_and_global(global_first=False, reads_locals=True, size=size)
 
 
-def categorical_in_plate(baseline: dict | None = None):
+class LinearBaseline(torch.nn.Module):
+    """A learned baseline per datapoint, from the datapoint's observation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(1, 1)
+        with torch.no_grad():
+            self.linear.weight.fill_(0.5)
+            self.linear.bias.fill_(3.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.unsqueeze(-1)).squeeze(-1)
+
+
+#: The kinds of baseline :func:`categorical_in_plate` can give its Categorical site.
+BASELINE_KINDS = ("none", "decaying_avg", "value", "nn")
+
+
+def _baseline_options(kind: str, data: torch.Tensor, net: torch.nn.Module) -> dict:
+    if kind == "decaying_avg":
+        return {"use_decaying_avg_baseline": True, "baseline_beta": 0.8}
+    if kind == "value":
+        return {"baseline_value": t(-2.0, -1.5)}
+    if kind == "nn":
+        return {"nn_baseline": pyro.module("c_baseline", net), "nn_baseline_input": data}
+    return {}
+
+
+def categorical_in_plate(baseline: str = "none"):
     """
     A Categorical guide site per datapoint, then a Bernoulli site that reads it: the Categorical
-    is a score-function site, with ``infer={"baseline": baseline}`` when given.
+    is a score-function site, with the baseline of kind ``baseline`` (see
+    :data:`BASELINE_KINDS`; an ``nn_baseline`` is registered with :func:`pyro.module`).
     """
     data = t(1.0, 0.0)
-    infer = {} if baseline is None else {"baseline": baseline}
+    net = LinearBaseline()  # made once, registered by every run of the guide
 
     def model(data):
         with pyro.plate("data", 2):
@@ -513,6 +542,8 @@ def categorical_in_plate(baseline: dict | None = None):
     def guide(data):
         cl = pyro.param("cl", t([0.4, -0.2, 0.1], [-0.3, 0.6, 0.0]))
         zl = pyro.param("zl", t(0.5, -0.5, 0.2))
+        options = _baseline_options(baseline, data, net)
+        infer = {"baseline": options} if options else {}
         with pyro.plate("data", 2):
             c = pyro.sample("c", dist.Categorical(logits=cl), infer=infer)
             pyro.sample("z", dist.Bernoulli(logits=zl[c]))
