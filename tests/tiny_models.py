@@ -560,3 +560,25 @@ ISSUE_7_CASES = {
         categorical_in_plate,
     ]
 }
+
+
+def categorical_beside_noisy_site():
+    """
+    A Categorical site beside an independent Bernoulli site whose cost terms are large and
+    noisy: a Rao-Blackwellized signal of the Categorical leaves them out.
+    """
+    data = t(0.5, 9.0)
+
+    def model(data):
+        c = pyro.sample("c", dist.Categorical(logits=t(0.0, 0.0, 0.0)))
+        pyro.sample("y", dist.Normal(c.to(data.dtype), 1.0), obs=data[0])
+        b = pyro.sample("b", dist.Bernoulli(logits=t(0.0)))
+        pyro.sample("x", dist.Normal(10.0 * b, 1.0), obs=data[1])
+
+    def guide(data):
+        cl = pyro.param("cl", t(0.3, -0.2, 0.1))
+        bl = pyro.param("bl", t(0.0))
+        pyro.sample("c", dist.Categorical(logits=cl))
+        pyro.sample("b", dist.Bernoulli(logits=bl))
+
+    return model, guide, (data,)
