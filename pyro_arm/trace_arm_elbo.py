@@ -206,14 +206,22 @@ class TraceARM_ELBO(ELBO):
 
     **Plate-local signals.** Each cost term is summed down to the plates it shares with site
     :math:`t`, so datapoint :math:`n`'s logits are driven by datapoint :math:`n`'s terms. Where a
-    guide site sampled after :math:`t` lies outside one of :math:`t`'s plates, that plate is summed
-    over instead (see :mod:`pyro_arm.signals`). Subsample scales, ``poutine.scale`` and both kinds
-    of mask enter the signal through the scaled, masked log-densities; the weight is not scaled.
+    guide site sampled after :math:`t`, outside one of :math:`t`'s plates, depends on
+    :math:`t`'s value, that plate is summed over instead (see :mod:`pyro_arm.signals`);
+    dependencies are tracked by provenance (:mod:`pyro_arm.dependencies`) in one extra replay
+    without gradient, only for runs that can need them. Subsample scales, ``poutine.scale`` and
+    both kinds of mask enter the signal through the scaled, masked log-densities; the weight is
+    not scaled.
 
-    **Everything else** is as in :class:`~pyro.infer.trace_elbo.Trace_ELBO`: model parameters get
-    the ordinary gradient at the sampled values, reparameterized sites are pathwise, and other
-    non-reparameterized sites, including Bernoulli sites that opt out with
-    ``infer={"arm": False}``, get a score-function estimator with the same plate-local signals.
+    **Score-function sites** (other non-reparameterized sites, including Bernoulli sites that
+    opt out with ``infer={"arm": False}``) get :math:`\nabla \log q(z)\,(f_z - b)`, where
+    :math:`f_z` holds only the cost terms that depend on :math:`z`, plate-local by the same rule
+    (as in :class:`~pyro.infer.tracegraph_elbo.TraceGraph_ELBO`), and :math:`b` is the site's
+    ``infer={"baseline": {...}}`` baseline with ``TraceGraph_ELBO``'s options, or else, with
+    several particles, the leave-one-out mean of the other particles' signals
+    (:mod:`pyro_arm.baselines`). Model parameters get the ordinary gradient at the sampled
+    values, reparameterized sites are pathwise, and observed guide sites (``pyro.factor``) enter
+    the cost and their own pathwise gradient.
 
     :param int num_particles: number of particles (samples) averaged in the estimate.
     :param int max_plate_nesting: bound on nested :class:`pyro.plate` contexts; guessed by running
