@@ -14,8 +14,10 @@ gradient, holding every sampled value (plate subsamples included) at its value i
 only needed for models that have score-function sites or a guide site sampled after, and outside
 a plate of, an earlier one; :func:`needs_dependencies` tells, from the run's guide trace alone.
 
-Like Pyro's, this tracking sees dependencies that flow through values; a dependency that only
-flows through Python control flow (``if c == 1:`` sampling a site) is not seen.
+Provenance follows values, not Python control flow (``if c == 1:`` sampling a site); the sites
+whose values are read as Python numbers or bools (``.item()``, ``bool``, ``int``, ``float``,
+``.tolist()``) during the replay are listed in :attr:`Dependencies.control`, and the signals of
+those sites assume the worst (every cost term, every later site dependent).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pyro.ops.provenance import get_provenance, track_provenance
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
+from torch.overrides import TorchFunctionMode
 
 from pyro_arm.sites import is_subsample_site
 
@@ -43,6 +46,33 @@ class Dependencies(NamedTuple):
 
     guide: dict[str, frozenset]
     costs: dict[str, frozenset]
+    control: frozenset = frozenset()
+
+
+#: Tensor methods that turn a value into Python data, which control flow can branch on.
+_TO_PYTHON = frozenset(
+    {
+        torch.Tensor.item,
+        torch.Tensor.tolist,
+        torch.Tensor.__bool__,
+        torch.Tensor.__int__,
+        torch.Tensor.__float__,
+        torch.Tensor.__index__,
+    }
+)
+
+
+class _ControlFlowReads(TorchFunctionMode):
+    """Records the provenance of every tensor turned into Python data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sources: frozenset = frozenset()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _TO_PYTHON:
+            self.sources = self.sources | get_provenance(args)
+        return func(*args, **(kwargs or {}))
 
 
 class TrackProvenance(Messenger):
@@ -94,7 +124,8 @@ def trace_dependencies(model, guide, values: dict, args, kwargs) -> Dependencies
     provenance, and returns their :class:`Dependencies`.
     """
     tracker = TrackProvenance(values)
-    with torch.no_grad(), pyro.validation_enabled(False), tracker:
+    reads = _ControlFlowReads()
+    with torch.no_grad(), pyro.validation_enabled(False), tracker, reads:
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
@@ -112,4 +143,4 @@ def trace_dependencies(model, guide, values: dict, args, kwargs) -> Dependencies
             costs[f"{prefix}:{name}"] = get_provenance(site["log_prob"])
             if prefix == "guide" and not site["is_observed"]:
                 guide_deps[name] = get_provenance(site["value"])
-    return Dependencies(guide_deps, costs)
+    return Dependencies(guide_deps, costs, reads.sources)

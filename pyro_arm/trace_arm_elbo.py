@@ -70,7 +70,8 @@ class _Run:
         ]
 
     def frames(self, name: str) -> frozenset:
-        depends_on = None if self.dependencies is None else self.dependencies.guide
+        deps = self.dependencies
+        depends_on = None if deps is None or name in deps.control else deps.guide
         return signal_frames(self.guide_trace, name, depends_on)
 
     def score_signals(self) -> dict:
@@ -80,8 +81,12 @@ class _Run:
         """
         signals = {}
         deps = None if self.dependencies is None else self.dependencies.costs
+        control = frozenset() if self.dependencies is None else self.dependencies.control
         for name in self.score_sites():
-            keep = None if deps is None else (lambda key, name=name: name in deps[key])
+            if deps is None or name in control:  # every cost term
+                keep = None
+            else:
+                keep = lambda key, name=name: name in deps[key]  # noqa: E731
             costs = cost_terms(self.model_trace, self.guide_trace, keep=keep)
             signals[name] = torch.as_tensor(costs.sum_to(self.frames(name)))
         return signals

@@ -129,3 +129,30 @@ def test_no_dependency_pass_without_need(monkeypatch):
         TraceARM_ELBO(num_particles=2, vectorize_particles=vectorize).loss_and_grads(
             model, guide, *args
         )
+
+
+def test_control_flow_reads_are_recorded():
+    model, guide, args, _, sampler = base_run("categorical_switch")
+    deps = trace_dependencies(model, guide, sampler.values, args, {})
+    assert deps.control == frozenset({"c"})
+    model, guide, args, _, sampler = base_run("global_after_locals_reading_them")
+    assert trace_dependencies(model, guide, sampler.values, args, {}).control == frozenset()
+
+
+@pytest.mark.parametrize("num_particles", [1, 2])
+def test_unbiased_categorical_steering_control_flow(num_particles):
+    model, guide, args = tiny_models.categorical_switch()
+    elbo = TraceARM_ELBO(num_particles=num_particles)
+    assert_unbiased(elbo, model, guide, args, num_samples=2000, seed=0)
+
+
+def test_checker_rejects_provenance_only_signal_under_control_flow(monkeypatch):
+    """Provenance alone (control-flow reads ignored) leaves e's terms out of c's signal."""
+
+    def without_control(*args, **kwargs):
+        return trace_dependencies(*args, **kwargs)._replace(control=frozenset())
+
+    monkeypatch.setattr(trace_arm_elbo, "trace_dependencies", without_control)
+    model, guide, args = tiny_models.categorical_switch()
+    with pytest.raises(AssertionError, match=r"biased components \[.*'cl\["):
+        assert_unbiased(TraceARM_ELBO(num_particles=1), model, guide, args, num_samples=2000)

@@ -582,3 +582,29 @@ def categorical_beside_noisy_site():
         pyro.sample("b", dist.Bernoulli(logits=bl))
 
     return model, guide, (data,)
+
+
+def categorical_switch():
+    """
+    A Categorical guide site whose value only steers Python control flow: site ``e`` exists
+    only when ``c == 0`` (sequential only), so provenance alone cannot see that ``e``'s terms
+    depend on ``c``.
+    """
+    data = t(1.0)
+
+    def model(data):
+        c = pyro.sample("c", dist.Categorical(logits=t(0.2, -0.1)))
+        logit = t(-1.0)
+        if c.item() == 0:
+            e = pyro.sample("e", dist.Bernoulli(logits=t(0.3)))
+            logit = 3.0 * e - 1.0
+        pyro.sample("x", dist.Bernoulli(logits=logit), obs=data)
+
+    def guide(data):
+        cl = pyro.param("cl", t(0.4, -0.3))
+        el = pyro.param("el", t(-0.5))
+        c = pyro.sample("c", dist.Categorical(logits=cl))
+        if c.item() == 0:
+            pyro.sample("e", dist.Bernoulli(logits=el))
+
+    return model, guide, (data,)
