@@ -9,15 +9,20 @@ element of a data plate is driven by that datapoint's terms, and terms outside t
 are summed and broadcast to every element, never dropped.
 
 Dropping the other elements' terms is unbiased only while they do not depend on this element's
-value. That fails when a guide site sampled later lies outside one of the site's plates (it may
-read every entry, and every element's terms then depend on it), so :func:`signal_frames` keeps
-per-element signals only over plates that contain every later guide site, and sums over the
-others. This rule assumes the worst of such a later site; it never adds bias, only variance.
+value. That fails when a guide site sampled later lies outside one of the site's plates and
+reads the site's value (every element's terms may then depend on every entry), so
+:func:`signal_frames` keeps per-element signals only over plates that contain every later guide
+site that depends on the site, and sums over the others. Dependencies come from provenance
+(:mod:`pyro_arm.dependencies`); without them every later site is assumed to depend on the site,
+which never adds bias, only variance.
+
+Score-function sites are Rao-Blackwellized as in ``TraceGraph_ELBO``: :func:`cost_terms` with
+``keep`` gives only the cost terms whose provenance names the site.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from pyro.infer.util import MultiFrameTensor
@@ -26,20 +31,25 @@ from pyro.poutine.indep_messenger import CondIndepStackFrame
 
 
 def cost_terms(
-    model_trace: Trace, guide_trace: Trace, guide_log_probs: Optional[dict] = None
+    model_trace: Trace,
+    guide_trace: Trace,
+    guide_log_probs: Optional[dict] = None,
+    keep: Optional[Callable[[str], bool]] = None,
 ) -> MultiFrameTensor:
     """
     The detached cost terms of one run: every model site's ``log_prob`` and every guide site's
     ``-log_prob`` (both scaled and masked), keyed by their plates.
 
     :param guide_log_probs: scaled, masked log-densities that replace those of some guide sites.
+    :param keep: keeps only the terms whose key (``"model:name"`` or ``"guide:name"``) it
+        accepts; all terms when ``None``.
     """
     costs = MultiFrameTensor()
-    for site in model_trace.nodes.values():
-        if site["type"] == "sample":
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and (keep is None or keep(f"model:{name}")):
             costs.add((site["cond_indep_stack"], site["log_prob"].detach()))
     for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample":
+        if site["type"] == "sample" and (keep is None or keep(f"guide:{name}")):
             log_prob = site["log_prob"]
             if guide_log_probs and name in guide_log_probs:
                 log_prob = guide_log_probs[name]
@@ -47,17 +57,24 @@ def cost_terms(
     return costs
 
 
-def signal_frames(guide_trace: Trace, name: str) -> frozenset[CondIndepStackFrame]:
+def signal_frames(
+    guide_trace: Trace, name: str, depends_on: Optional[dict] = None
+) -> frozenset[CondIndepStackFrame]:
     """
     The plates over which the signal of guide site ``name`` stays per-element: the site's
-    vectorized plates that also contain every guide site sampled after it.
+    vectorized plates that also contain every guide site sampled after it that depends on it.
+
+    :param depends_on: guide site name -> the sampled guide sites its value depends on (see
+        :class:`~pyro_arm.dependencies.Dependencies`); when ``None``, every later site is taken
+        to depend on ``name``.
     """
     frames = None
     for other_name, site in guide_trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"]:
             continue
         if frames is not None:
-            frames &= set(site["cond_indep_stack"])
+            if depends_on is None or name in depends_on.get(other_name, (name,)):
+                frames &= set(site["cond_indep_stack"])
         elif other_name == name:
             frames = {f for f in site["cond_indep_stack"] if f.vectorized}
     if frames is None:

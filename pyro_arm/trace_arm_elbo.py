@@ -15,6 +15,8 @@ from pyro.poutine import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, warn_if_nan
 
+from pyro_arm.baselines import baseline_options, leave_one_out, site_baseline
+from pyro_arm.dependencies import Dependencies, needs_dependencies, trace_dependencies
 from pyro_arm.estimators import Estimator, get_estimator
 from pyro_arm.messengers import BaseSampleMessenger, BranchMessenger
 from pyro_arm.signals import (
@@ -39,16 +41,64 @@ class _Run:
         self.model_trace, self.guide_trace = model_trace, guide_trace
         self.sampler: BaseSampleMessenger = sampler
         self.arm_sites = sampler.arm_sites
+        self.dependencies: Optional[Dependencies] = None
+        # the last sample site of the guide, factors included
+        self.last_site = next(
+            (n for n, s in reversed(guide_trace.nodes.items()) if s["type"] == "sample"), None
+        )
 
     def elbo(self) -> torch.Tensor:
-        return self.model_trace.log_prob_sum() - self.guide_trace.log_prob_sum()
+        elbo = self.model_trace.log_prob_sum() - self.guide_trace.log_prob_sum()
+        return torch.as_tensor(elbo)
 
-    def surrogate_elbo(self, estimator: Estimator, branch_dim: Optional[int], args, kwargs):
+    def track_dependencies(self, args, kwargs) -> None:
+        """Traces the run's dependencies, for runs whose signals need them."""
+        if needs_dependencies(self.guide_trace, self.arm_sites):
+            self.dependencies = trace_dependencies(
+                self.model, self.guide, self.sampler.values, args, kwargs
+            )
+
+    def score_sites(self) -> list[str]:
+        """The guide's score-function sites: sampled, not ARM, not reparameterized."""
+        return [
+            name
+            for name, site in self.guide_trace.nodes.items()
+            if site["type"] == "sample"
+            and not site["is_observed"]
+            and name not in self.arm_sites
+            and not is_identically_zero(site["score_parts"].score_function)
+        ]
+
+    def frames(self, name: str) -> frozenset:
+        deps = self.dependencies
+        depends_on = None if deps is None or name in deps.control else deps.guide
+        return signal_frames(self.guide_trace, name, depends_on)
+
+    def score_signals(self) -> dict:
+        """
+        The signal of each score-function site: the cost terms that depend on it, summed down to
+        its plate-local frames.
+        """
+        signals = {}
+        deps = None if self.dependencies is None else self.dependencies.costs
+        control = frozenset() if self.dependencies is None else self.dependencies.control
+        for name in self.score_sites():
+            if deps is None or name in control:  # every cost term
+                keep = None
+            else:
+                keep = lambda key, name=name: name in deps[key]  # noqa: E731
+            costs = cost_terms(self.model_trace, self.guide_trace, keep=keep)
+            signals[name] = torch.as_tensor(costs.sum_to(self.frames(name)))
+        return signals
+
+    def surrogate_elbo(
+        self, estimator: Estimator, branch_dim: Optional[int], args, kwargs, score_signals: dict
+    ):
         """
         :param branch_dim: the dim of a plate over branches, to run all branches as one
             batched pass, or ``None`` to run them one by one.
+        :param score_signals: the signal, baseline subtracted, of each score-function site.
         """
-        costs = cost_terms(self.model_trace, self.guide_trace)
         surrogate = 0.0
         for site in self.model_trace.nodes.values():
             if site["type"] == "sample":
@@ -56,15 +106,18 @@ class _Run:
         for name, site in self.guide_trace.nodes.items():
             if site["type"] != "sample" or name in self.arm_sites:
                 continue
+            if site["is_observed"]:  # a factor: its log-density, pathwise
+                surrogate = surrogate - site["log_prob_sum"]
+                continue
             _, score_function, entropy_term = site["score_parts"]
             if not is_identically_zero(entropy_term):
                 surrogate = surrogate - entropy_term.sum()
-            if not is_identically_zero(score_function):
-                signal = costs.sum_to(signal_frames(self.guide_trace, name))
-                surrogate = surrogate + (score_function * signal).sum()
+            if name in score_signals:
+                surrogate = surrogate + (score_function * score_signals[name].detach()).sum()
         if not self.arm_sites:
             return surrogate
-        frames = {name: signal_frames(self.guide_trace, name) for name in self.arm_sites}
+        costs = cost_terms(self.model_trace, self.guide_trace)
+        frames = {name: self.frames(name) for name in self.arm_sites}
         branch_signals = {}
         if estimator.antithetic:
             branch_signals = self.branch_signals(frames, branch_dim, args, kwargs)
@@ -107,12 +160,17 @@ class _Run:
     def branch_costs(self, name: str, args, kwargs) -> MultiFrameTensor:
         """The costs of the branch that flips ARM site ``name``."""
         flip = BranchMessenger(self.sampler, [name])
-        if name != self.sampler.order[-1]:
+        if name != self.last_site:
             return _run_costs(self.model, flip(self.guide), args, kwargs)
-        # Nothing is sampled after the last site: only its own log q and the model change.
+        # Nothing (no sample, no factor) follows the last site: only its own log q and the
+        # model change, unless the flip makes the model sample a site the base run lacks;
+        # then the guide would sample it too, and the branch runs guide and model.
         with torch.no_grad(), pyro.validation_enabled(False):
             model_trace = poutine.trace(flip(self.model)).get_trace(*args, **kwargs)
             model_trace = prune_subsample_sites(model_trace)
+            if _has_new_latent_site(model_trace, self.sampler.values):
+                flip = BranchMessenger(self.sampler, [name])
+                return _run_costs(self.model, flip(self.guide), args, kwargs)
             model_trace.compute_log_prob()
             site = self.guide_trace.nodes[name]
             log_q = site["fn"].log_prob(self.arm_sites[name].z1)
@@ -153,14 +211,22 @@ class TraceARM_ELBO(ELBO):
 
     **Plate-local signals.** Each cost term is summed down to the plates it shares with site
     :math:`t`, so datapoint :math:`n`'s logits are driven by datapoint :math:`n`'s terms. Where a
-    guide site sampled after :math:`t` lies outside one of :math:`t`'s plates, that plate is summed
-    over instead (see :mod:`pyro_arm.signals`). Subsample scales, ``poutine.scale`` and both kinds
-    of mask enter the signal through the scaled, masked log-densities; the weight is not scaled.
+    guide site sampled after :math:`t`, outside one of :math:`t`'s plates, depends on
+    :math:`t`'s value, that plate is summed over instead (see :mod:`pyro_arm.signals`);
+    dependencies are tracked by provenance (:mod:`pyro_arm.dependencies`) in one extra replay
+    without gradient, only for runs that can need them. Subsample scales, ``poutine.scale`` and
+    both kinds of mask enter the signal through the scaled, masked log-densities; the weight is
+    not scaled.
 
-    **Everything else** is as in :class:`~pyro.infer.trace_elbo.Trace_ELBO`: model parameters get
-    the ordinary gradient at the sampled values, reparameterized sites are pathwise, and other
-    non-reparameterized sites, including Bernoulli sites that opt out with
-    ``infer={"arm": False}``, get a score-function estimator with the same plate-local signals.
+    **Score-function sites** (other non-reparameterized sites, including Bernoulli sites that
+    opt out with ``infer={"arm": False}``) get :math:`\nabla \log q(z)\,(f_z - b)`, where
+    :math:`f_z` holds only the cost terms that depend on :math:`z`, plate-local by the same rule
+    (as in :class:`~pyro.infer.tracegraph_elbo.TraceGraph_ELBO`), and :math:`b` is the site's
+    ``infer={"baseline": {...}}`` baseline with ``TraceGraph_ELBO``'s options, or else, with
+    several particles, the leave-one-out mean of the other particles' signals
+    (:mod:`pyro_arm.baselines`). Model parameters get the ordinary gradient at the sampled
+    values, reparameterized sites are pathwise, and observed guide sites (``pyro.factor``) enter
+    the cost and their own pathwise gradient.
 
     :param int num_particles: number of particles (samples) averaged in the estimate.
     :param int max_plate_nesting: bound on nested :class:`pyro.plate` contexts; guessed by running
@@ -254,12 +320,15 @@ class TraceARM_ELBO(ELBO):
         # All base runs come first, so that the random numbers behind the reported loss are
         # drawn exactly as in `loss`.
         runs = list(self._get_traces(model, guide, args, kwargs))
+        for run in runs:
+            run.track_dependencies(args, kwargs)
+        score_signals, baseline_loss = self._score_signals(runs)
         branch_dim = -self.max_plate_nesting - 1 if self.vectorize_particles else None
         elbo = surrogate_elbo = 0.0
-        for run in runs:
+        for run, signals in zip(runs, score_signals):
             elbo = elbo + run.elbo().detach()
             surrogate_elbo = surrogate_elbo + run.surrogate_elbo(
-                self.estimator, branch_dim, args, kwargs
+                self.estimator, branch_dim, args, kwargs, signals
             )
         trainable = any(
             site["type"] == "param"
@@ -268,28 +337,103 @@ class TraceARM_ELBO(ELBO):
             for site in trace.nodes.values()
         )
         loss = -torch.as_tensor(elbo) / self.num_particles
-        surrogate_loss = -torch.as_tensor(surrogate_elbo) / self.num_particles
+        surrogate_loss = (baseline_loss - torch.as_tensor(surrogate_elbo)) / self.num_particles
         return loss, surrogate_loss, trainable
+
+    def _score_signals(self, runs: list) -> tuple[list, Any]:
+        """
+        The signal of every score-function site of every run, less its baseline (see
+        :mod:`pyro_arm.baselines`), and the loss that trains the learned baselines.
+        """
+        signals = [run.score_signals() for run in runs]
+        baselines = [{} for _ in runs]
+        baseline_loss = 0.0
+        for i, run in enumerate(runs):
+            for name, signal in signals[i].items():
+                options = baseline_options(run.guide_trace.nodes[name])
+                if options.any:
+                    site = run.guide_trace.nodes[name]
+                    baselines[i][name], loss = site_baseline(name, site, signal, options)
+                    baseline_loss = baseline_loss + loss
+        if self.num_particles > 1:
+            self._leave_one_out(signals, baselines, runs)
+        centred = [
+            {name: signal - baselines[i].get(name, 0.0) for name, signal in signals[i].items()}
+            for i in range(len(runs))
+        ]
+        return centred, baseline_loss
+
+    def _leave_one_out(self, signals: list, baselines: list, runs: list) -> None:
+        """Leave-one-out baselines across particles for the sites without their own."""
+        if self.vectorize_particles:
+            dim = -self.max_plate_nesting  # the particles plate (see ELBO)
+            for name, signal in signals[0].items():
+                if name in baselines[0] or signal.dim() < -dim:
+                    continue
+                if signal.size(dim) == self.num_particles:
+                    baselines[0][name] = leave_one_out(signal, dim)
+            return
+        names = {name for particle in signals for name in particle}
+        for name in names:
+            have = [
+                i
+                for i, particle in enumerate(signals)
+                if name in particle and name not in baselines[i]
+            ]
+            shapes = {signals[i][name].shape for i in have}
+            if len(have) < 2 or len(shapes) != 1:
+                continue
+            stacked = torch.stack([signals[i][name] for i in have])
+            for i, baseline in zip(have, leave_one_out(stacked, 0)):
+                baselines[i][name] = baseline
+
+
+#: Messages of the errors that torch raises when code converts a batched tensor to a Python
+#: number or bool: the signature of value-dependent control flow.
+_CONTROL_FLOW_ERRORS = (
+    "cannot be converted to Scalar",
+    "Boolean value of Tensor with more than one value is ambiguous",
+    "only one element tensors can be converted to Python scalars",
+)
+
+
+def is_control_flow_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is what torch raises when code reads a batched tensor as one number."""
+    return isinstance(exc, (RuntimeError, ValueError)) and any(
+        message in str(exc) for message in _CONTROL_FLOW_ERRORS
+    )
 
 
 @contextmanager
 def _batched_pass_errors(seen: Optional[list]):
     """
-    Turns a RuntimeError that user code raises inside a batched pass into a clear error naming
-    the last site of ``seen``; inactive when ``seen`` is None.
+    Turns an error of value-dependent control flow that user code raises inside a batched pass
+    into a clear error naming the last site of ``seen``; inactive when ``seen`` is None. Any
+    other error (out of memory, a shape bug) keeps its type and message, with a note added.
     """
     try:
         yield
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         if seen is None:
             raise
         where = f"after site '{seen[-1]}'" if seen else "before the first site"
+        if not is_control_flow_error(exc):
+            exc.add_note(f"(raised {where} in a batched pass of particles or antithetic branches)")
+            raise
         raise NotImplementedError(
             f"Model or guide failed {where} in a batched pass of particles or antithetic "
             f"branches: {exc}. Code that converts a sampled value to a Python number or "
             "branches on it (.item(), `if z:`) cannot run vectorized; "
             "use vectorize_particles=False"
         ) from exc
+
+
+def _has_new_latent_site(model_trace: Trace, values: dict) -> bool:
+    """Whether the model sampled a latent site that the base run of the guide lacks."""
+    return any(
+        site["type"] == "sample" and not site["is_observed"] and name not in values
+        for name, site in model_trace.nodes.items()
+    )
 
 
 def _fork_rng():

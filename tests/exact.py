@@ -306,6 +306,7 @@ def assert_unbiased(
     method: str = "loss_and_grads",
     check_loss: bool = True,
     min_calls: int = 30,
+    params: list | None = None,
 ) -> UnbiasedReport:
     """
     Draws ``num_samples`` particles' worth of independent estimates (``num_samples //
@@ -313,11 +314,13 @@ def assert_unbiased(
     for the loss and every component of every param's gradient. ``z`` defaults to a
     Bonferroni-corrected normal quantile (at least 4.5). Raises :class:`AssertionError` with a
     table otherwise. Params must already be in the param store (or be created by the model and
-    guide with fixed initial values).
+    guide with fixed initial values). ``params`` restricts the check to the gradients of the
+    params it names (e.g. to leave out the params of a learned baseline, which have their own
+    loss).
     """
     kwargs = kwargs or {}
     exact_loss, exact_grads = exact_loss_and_grads(model, guide, *args, **kwargs)
-    names = list(exact_grads)
+    names = [n for n in exact_grads if params is None or n in params]
     exact = torch.cat(
         [torch.tensor([exact_loss], dtype=torch.float64, device="cpu")]
         + [exact_grads[n].reshape(-1).to("cpu", torch.float64) for n in names]

@@ -21,8 +21,8 @@ from torch.utils._pytree import tree_leaves
 
 from pyro_arm import TraceARM_ELBO, trace_arm_elbo
 from tests import test_svi
-from tests import test_trace_arm_elbo as cases
 from tests.exact import assert_unbiased
+from tests.tiny_models import CASES
 
 DEVICE = os.environ.get("PYRO_ARM_TEST_DEVICE", "cuda")
 
@@ -52,7 +52,7 @@ def assert_on_device(device):
     "case", ["two_layer", "subsampled", "normal_then_bernoulli", "local_then_global"]
 )
 def test_unbiased_on_device(case, estimator, on_device, float64):
-    model, guide, args = cases.CASES[case]()
+    model, guide, args = CASES[case]()
     elbo = TraceARM_ELBO(num_particles=500, vectorize_particles=True, estimator=estimator)
     report = assert_unbiased(elbo, model, guide, args, num_samples=25000, seed=0)
     print(

@@ -6,402 +6,24 @@ vectorized, one and several particles. Everything runs in float64.
 """
 
 import pyro
-import pyro.distributions as dist
-import pyro.poutine as poutine
 import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
-from torch.distributions import constraints
 
-from pyro_arm import TraceARM_ELBO
+from pyro_arm import TraceARM_ELBO, signals, trace_arm_elbo
 from pyro_arm.estimators import ESTIMATORS, Estimator, arm, disarm
-from tests.exact import assert_unbiased, exact_loss_and_grads
+from tests import tiny_models
+from tests.exact import assert_unbiased, exact_elbo, exact_loss_and_grads
+from tests.tiny_models import (
+    CASES,
+    local_then_global,
+    subsampled,
+    two_layer,
+    value_dependent_structure,
+)
 
 pytestmark = pytest.mark.usefixtures("float64")
 
-
-def t(*values):
-    return torch.tensor(values, dtype=torch.get_default_dtype())
-
-
-# ---------------------------------------------------------------------------------------------
-# Tiny models (<= 8 binary components). Each returns (model, guide, args).
-# ---------------------------------------------------------------------------------------------
-
-
-def one_layer():
-    """One Bernoulli vector site in a data plate, learnable prior logits in the model."""
-    data = t([1.0, 0.0, 1.0], [0.0, 0.0, 1.0])
-
-    def model(data):
-        prior = pyro.param("prior", t(0.3, -0.5, 0.8))
-        w = pyro.param("w", t(1.5))
-        with pyro.plate("data", 2):
-            z = pyro.sample("z", dist.Bernoulli(logits=prior).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=w * (2 * z - 1) + 0.3).to_event(1), obs=data)
-
-    def guide(data):
-        phi = pyro.param("phi", t([0.2, -0.4, 1.0], [0.5, 0.1, -0.9]))
-        with pyro.plate("data", 2):
-            pyro.sample("z", dist.Bernoulli(logits=phi).to_event(1))
-
-    return model, guide, (data,)
-
-
-def two_layer():
-    """Two dependent layers per datapoint: model z2 -> z1 -> x, guide x -> z1 -> z2."""
-    data = t([1.0, 0.0], [0.0, 1.0])
-
-    def model(data):
-        with pyro.plate("data", 2):
-            z2 = pyro.sample("z2", dist.Bernoulli(logits=t(0.4, -0.3)).to_event(1))
-            z1 = pyro.sample(
-                "z1", dist.Bernoulli(logits=z2 @ t([1.2, -0.8], [0.5, 1.0]) - 0.2).to_event(1)
-            )
-            pyro.sample("x", dist.Bernoulli(logits=2.0 * z1 - 1.0).to_event(1), obs=data)
-
-    def guide(data):
-        a = pyro.param("a", t([0.7, -1.1], [0.4, 0.9]))
-        b = pyro.param("b", t([1.3, -0.6], [-0.5, 0.8]))
-        c = pyro.param("c", t(-0.2, 0.3))
-        with pyro.plate("data", 2):
-            z1 = pyro.sample("z1", dist.Bernoulli(logits=data @ a - 0.3).to_event(1))
-            pyro.sample("z2", dist.Bernoulli(logits=z1 @ b + c).to_event(1))
-
-    return model, guide, (data,)
-
-
-def three_layer():
-    """Three dependent layers, one datapoint (6 bits)."""
-    data = t(1.0, 0.0, 1.0)
-
-    def model(data):
-        z3 = pyro.sample("z3", dist.Bernoulli(logits=t(0.2, -0.4)).to_event(1))
-        z2 = pyro.sample("z2", dist.Bernoulli(logits=z3 @ t([1.0, -1.0], [0.5, 0.7])).to_event(1))
-        z1 = pyro.sample("z1", dist.Bernoulli(logits=z2 @ t([0.9, 0.3], [-1.2, 0.6])).to_event(1))
-        pyro.sample(
-            "x",
-            dist.Bernoulli(logits=z1 @ t([1.5, -1.0, 0.5], [-0.7, 1.0, 1.1])).to_event(1),
-            obs=data,
-        )
-
-    def guide(data):
-        a = pyro.param("a", t([0.8, -0.5], [0.2, 0.6], [-0.9, 0.4]))
-        b = pyro.param("b", t([1.1, -0.4], [0.3, 0.9]))
-        c = pyro.param("c", t([-0.6, 1.0], [0.8, -0.3]))
-        d = pyro.param("d", t(0.1, -0.2))
-        z1 = pyro.sample("z1", dist.Bernoulli(logits=data @ a).to_event(1))
-        z2 = pyro.sample("z2", dist.Bernoulli(logits=z1 @ b + d).to_event(1))
-        pyro.sample("z3", dist.Bernoulli(logits=z2 @ c).to_event(1))
-
-    return model, guide, (data,)
-
-
-def global_then_local():
-    """A global Bernoulli sampled first, local ones in a plate depending on it."""
-    data = t(1.0, 0.0, 1.0)
-
-    def model(data):
-        g = pyro.sample("g", dist.Bernoulli(logits=t(0.3)))
-        with pyro.plate("data", 3):
-            z = pyro.sample("z", dist.Bernoulli(logits=1.5 * g - 0.5))
-            pyro.sample("x", dist.Bernoulli(logits=2.0 * z - 1.0 + 0.5 * g), obs=data)
-
-    def guide(data):
-        a = pyro.param("a", t(-0.4))
-        b = pyro.param("b", t(0.9, -0.7, 0.4))
-        c = pyro.param("c", t(1.2))
-        g = pyro.sample("g", dist.Bernoulli(logits=a))
-        with pyro.plate("data", 3):
-            pyro.sample("z", dist.Bernoulli(logits=b + c * g))
-
-    return model, guide, (data,)
-
-
-def local_then_global():
-    """
-    Local sites sampled BEFORE a global guide site that depends on all of them: the "later
-    guide site outside the plate" case where plate-local signals (Pyro's Trace_ELBO) are biased.
-    """
-    data = t(1.0, 0.0, 1.0)
-
-    def model(data):
-        g = pyro.sample("g", dist.Bernoulli(logits=t(0.0)))
-        with pyro.plate("data", 3):
-            z = pyro.sample("z", dist.Bernoulli(logits=3.0 * g - 1.5))
-            pyro.sample("x", dist.Bernoulli(logits=4.0 * z - 2.0), obs=data)
-
-    def guide(data):
-        b = pyro.param("b", t(0.5, -0.5, 0.3))
-        a = pyro.param("a", t(2.0))
-        with pyro.plate("data", 3):
-            z = pyro.sample("z", dist.Bernoulli(logits=b))
-        pyro.sample("g", dist.Bernoulli(logits=a * (z.sum(-1, keepdim=True) - 1.5)))
-
-    return model, guide, (data,)
-
-
-def nested_plates():
-    """A site in an outer plate and a site in outer x inner plates depending on it."""
-    data = t([1.0, 0.0], [0.0, 0.0])
-
-    def model(data):
-        with pyro.plate("outer", 2, dim=-2):
-            w = pyro.sample("w", dist.Bernoulli(logits=t(0.2)))
-            with pyro.plate("inner", 2, dim=-1):
-                z = pyro.sample("z", dist.Bernoulli(logits=w - 0.5))
-                pyro.sample("x", dist.Bernoulli(logits=2.0 * z - 1.0 + w), obs=data)
-
-    def guide(data):
-        a = pyro.param("a", t([0.6], [-0.8]))
-        b = pyro.param("b", t([0.3, -0.4], [1.0, 0.2]))
-        c = pyro.param("c", t(1.1))
-        with pyro.plate("outer", 2, dim=-2):
-            w = pyro.sample("w", dist.Bernoulli(logits=a))
-            with pyro.plate("inner", 2, dim=-1):
-                pyro.sample("z", dist.Bernoulli(logits=b + c * w))
-
-    return model, guide, (data,)
-
-
-def sequential_plates():
-    """
-    A sequential plate (a Python loop over ``pyro.plate``) holding a vectorized plate, then a
-    global site after the loop that depends on every local value.
-    """
-    data = t([1.0, 0.0], [0.0, 1.0])
-
-    def model(data):
-        total = 0.0
-        for i in pyro.plate("groups", 2):
-            with pyro.plate(f"items_{i}", 2):
-                z = pyro.sample(f"z_{i}", dist.Bernoulli(logits=t(0.2 - i)))
-                pyro.sample(f"x_{i}", dist.Bernoulli(logits=2.0 * z - 1.0), obs=data[i])
-                total = total + z.sum(-1, keepdim=True)
-        pyro.sample("g", dist.Bernoulli(logits=total - 1.0))
-
-    def guide(data):
-        a = pyro.param("a", t([0.4, -0.3], [0.1, 0.7]))
-        c = pyro.param("c", t(0.5))
-        total = 0.0
-        for i in pyro.plate("groups", 2):
-            with pyro.plate(f"items_{i}", 2):
-                z = pyro.sample(f"z_{i}", dist.Bernoulli(logits=a[i]))
-                total = total + z.sum(-1, keepdim=True)
-        pyro.sample("g", dist.Bernoulli(logits=c * total - 0.5))
-
-    return model, guide, (data,)
-
-
-def subsampled():
-    """
-    A plate of 4 with a random subsample_size 2 and two local layers per datapoint: the branch
-    runs must reuse the base run's subsample (a fixed subsample= would hide that bug).
-    """
-    data = t(1.0, 0.0, 1.0, 1.0)
-
-    def model(data):
-        with pyro.plate("data", 4, subsample_size=2) as ind:
-            z1 = pyro.sample("z1", dist.Bernoulli(logits=t(0.3)))
-            z2 = pyro.sample("z2", dist.Bernoulli(logits=2.0 * z1 - 1.0))
-            pyro.sample("x", dist.Bernoulli(logits=3.0 * z2 - 1.5 + z1), obs=data[ind])
-
-    def guide(data):
-        a = pyro.param("a", t(1.0, -0.8, 0.4, 1.5))
-        b = pyro.param("b", t(-0.5, 0.7, 0.2, -1.0))
-        with pyro.plate("data", 4, subsample_size=2) as ind:
-            z1 = pyro.sample("z1", dist.Bernoulli(logits=a[ind]))
-            pyro.sample("z2", dist.Bernoulli(logits=b[ind] + 1.2 * z1))
-
-    return model, guide, (data,)
-
-
-def masked_scaled():
-    """poutine.mask, Distribution.mask (model and guide) and poutine.scale."""
-    data = t(1.0, 0.0, 1.0)
-    m1 = torch.tensor([True, True, False])
-    m2 = torch.tensor([True, False, True])
-
-    def model(data):
-        with poutine.scale(scale=2.5), pyro.plate("data", 3):
-            with poutine.mask(mask=m1):
-                z = pyro.sample("z", dist.Bernoulli(logits=t(0.4)))
-            y = pyro.sample("y", dist.Bernoulli(logits=z - 0.5).mask(m2))
-            pyro.sample("x", dist.Bernoulli(logits=2.0 * y - 1.0 + z), obs=data)
-
-    def guide(data):
-        a = pyro.param("a", t(0.7, -0.9, 0.3))
-        b = pyro.param("b", t(-0.4, 0.8, 1.1))
-        with poutine.scale(scale=2.5), pyro.plate("data", 3):
-            z = pyro.sample("z", dist.Bernoulli(logits=a).mask(m2))
-            with poutine.mask(mask=m1):
-                pyro.sample("y", dist.Bernoulli(logits=b + z))
-
-    return model, guide, (data,)
-
-
-def probs_expand_to_event():
-    """probs= (the ARM gradient is with respect to the logits), .expand and .to_event."""
-    data = t([1.0, 0.0, 1.0], [0.0, 1.0, 1.0])
-
-    def model(data):
-        with pyro.plate("data", 2):
-            z = pyro.sample("z", dist.Bernoulli(probs=t(0.4)).expand([2, 3]).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=2.0 * z - 1.0).to_event(1), obs=data)
-
-    def guide(data):
-        p = pyro.param("p", t(0.3, 0.8, 0.55), constraint=constraints.unit_interval)
-        with pyro.plate("data", 2):
-            pyro.sample("z", dist.Bernoulli(probs=p).expand([2, 3]).to_event(1))
-
-    return model, guide, (data,)
-
-
-def categorical_bernoulli():
-    """A Categorical (score function) before and after Bernoulli sites."""
-    data = t(1.0, 0.0)
-
-    def model(data):
-        c = pyro.sample("c", dist.Categorical(logits=t(0.1, -0.3, 0.2)))
-        z = pyro.sample(
-            "z", dist.Bernoulli(logits=t([0.5, -1.0], [1.0, 0.2], [-0.6, 0.8])[c]).to_event(1)
-        )
-        d = pyro.sample("d", dist.Categorical(logits=torch.stack([z.sum(-1), -z.sum(-1)], -1)))
-        pyro.sample(
-            "x", dist.Bernoulli(logits=2.0 * z - 1.0 + d.unsqueeze(-1)).to_event(1), obs=data
-        )
-
-    def guide(data):
-        cl = pyro.param("cl", t(0.4, -0.2, 0.1))
-        zl = pyro.param("zl", t([0.3, -0.8], [1.2, 0.4], [-0.5, 0.6]))
-        dl = pyro.param("dl", t(0.7, -0.3))
-        c = pyro.sample("c", dist.Categorical(logits=cl))
-        z = pyro.sample("z", dist.Bernoulli(logits=zl[c]).to_event(1))
-        pyro.sample("d", dist.Categorical(logits=dl + t(1.0, -1.0) * z[..., :1]))
-
-    return model, guide, (data,)
-
-
-def arm_opt_out():
-    """A Bernoulli site with infer={"arm": False} (score function) beside an ARM site."""
-    data = t(1.0, 0.0)
-
-    def model(data):
-        y = pyro.sample("y", dist.Bernoulli(logits=t(0.2, -0.3)).to_event(1))
-        z = pyro.sample("z", dist.Bernoulli(logits=y - 0.5).to_event(1))
-        pyro.sample("x", dist.Bernoulli(logits=2.0 * z - 1.0 + y).to_event(1), obs=data)
-
-    def guide(data):
-        a = pyro.param("a", t(0.5, -0.7))
-        b = pyro.param("b", t(-0.3, 0.9))
-        y = pyro.sample("y", dist.Bernoulli(logits=a).to_event(1), infer={"arm": False})
-        pyro.sample("z", dist.Bernoulli(logits=b + y).to_event(1))
-
-    return model, guide, (data,)
-
-
-def normal_then_bernoulli():
-    """A reparameterized Normal, then Bernoulli logits depending on it."""
-    data = t(1.0, 0.0)
-
-    def model(data):
-        y = pyro.sample("y", dist.Normal(t(0.0), t(1.0)))
-        z = pyro.sample("z", dist.Bernoulli(logits=y.unsqueeze(-1) * t(1.0, -1.0)).to_event(1))
-        pyro.sample("x", dist.Bernoulli(logits=2.0 * z - 1.0).to_event(1), obs=data)
-
-    def guide(data):
-        loc = pyro.param("loc", t(0.3))
-        scale = pyro.param("scale", t(0.8), constraint=constraints.positive)
-        w = pyro.param("w", t(0.9, -0.5))
-        y = pyro.sample("y", dist.Normal(loc, scale))
-        pyro.sample("z", dist.Bernoulli(logits=w * y.unsqueeze(-1) + 0.2).to_event(1))
-
-    return model, guide, (data,)
-
-
-def bernoulli_then_normal():
-    """Bernoulli sites first, then a reparameterized Normal whose loc depends on them."""
-    data = t(0.7)
-
-    def model(data):
-        z = pyro.sample("z", dist.Bernoulli(logits=t(0.2, -0.4)).to_event(1))
-        y = pyro.sample("y", dist.Normal(z @ t(1.0, -1.5), t(1.0)))
-        pyro.sample("x", dist.Normal(y, t(0.5)), obs=data)
-
-    def guide(data):
-        a = pyro.param("a", t(0.6, -0.3))
-        m = pyro.param("m", t(0.8, -1.2))
-        s = pyro.param("s", t(0.7), constraint=constraints.positive)
-        z = pyro.sample("z", dist.Bernoulli(logits=a).to_event(1))
-        pyro.sample("y", dist.Normal(z @ m + 0.1, s))
-
-    return model, guide, (data,)
-
-
-def value_dependent_structure():
-    """Which sites exist depends on a sampled value (needs Python control flow)."""
-    data = t(1.0)
-
-    def model(data):
-        s = pyro.sample("switch", dist.Bernoulli(logits=t(0.3)))
-        if s.item() == 1.0:
-            z = pyro.sample("branch_a", dist.Bernoulli(logits=t(0.5, -0.5)).to_event(1))
-            logit = z.sum() - 1.0
-        else:
-            z = pyro.sample("branch_b", dist.Bernoulli(logits=t(-0.2)))
-            logit = 2.0 * z - 0.5
-        pyro.sample("x", dist.Bernoulli(logits=logit), obs=data)
-
-    def guide(data):
-        a = pyro.param("sa", t(0.4))
-        b = pyro.param("ba", t(-0.6, 0.9))
-        c = pyro.param("bb", t(0.7))
-        s = pyro.sample("switch", dist.Bernoulli(logits=a))
-        if s.item() == 1.0:
-            pyro.sample("branch_a", dist.Bernoulli(logits=b).to_event(1))
-        else:
-            pyro.sample("branch_b", dist.Bernoulli(logits=c))
-
-    return model, guide, (data,)
-
-
-def plate_size_equals_event_size():
-    """Plate of 2 over an event of 2: right-aligned broadcasting of the signal would misalign."""
-    data = t([1.0, 1.0], [0.0, 0.0])
-
-    def model(data):
-        with pyro.plate("data", 2):
-            z = pyro.sample("z", dist.Bernoulli(logits=t(0.1, -0.2)).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=3.0 * z - 1.5).to_event(1), obs=data)
-
-    def guide(data):
-        phi = pyro.param("phi", t([0.3, -0.6], [0.9, 0.2]))
-        with pyro.plate("data", 2):
-            pyro.sample("z", dist.Bernoulli(logits=phi).to_event(1))
-
-    return model, guide, (data,)
-
-
-CASES = {
-    f.__name__: f
-    for f in [
-        one_layer,
-        two_layer,
-        three_layer,
-        global_then_local,
-        local_then_global,
-        nested_plates,
-        sequential_plates,
-        subsampled,
-        masked_scaled,
-        probs_expand_to_event,
-        categorical_bernoulli,
-        arm_opt_out,
-        normal_then_bernoulli,
-        bernoulli_then_normal,
-        plate_size_equals_event_size,
-    ]
-}
 
 # (estimator, vectorize_particles, num_particles, num_samples)
 CONFIGS = [
@@ -556,3 +178,67 @@ def test_checker_detects_branch_subsample_not_reused(monkeypatch):
     elbo = TraceARM_ELBO(num_particles=1, estimator="disarm")
     with pytest.raises(AssertionError, match="biased components"):
         assert_unbiased(elbo, model, guide, args, num_samples=300, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 7: structure decided at the last site, factors in the guide, empty programs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["arm", "disarm"])
+def test_switch_at_last_site(estimator):
+    """The flip of the last guide site adds a site: its branch runs guide and model."""
+    model, guide, args = tiny_models.switch_at_last_site()
+    elbo = TraceARM_ELBO(num_particles=4, estimator=estimator)
+    assert_unbiased(elbo, model, guide, args, num_samples=4000, seed=0)
+
+
+def test_checker_rejects_model_only_branch_at_switch(monkeypatch):
+    """The old behaviour (the model alone draws the added site from its prior) is biased."""
+    monkeypatch.setattr(trace_arm_elbo, "_has_new_latent_site", lambda *_: False)
+    model, guide, args = tiny_models.switch_at_last_site()
+    elbo = TraceARM_ELBO(num_particles=4)
+    with pytest.raises(AssertionError, match=r"biased components \[.*'q_s'"):
+        assert_unbiased(elbo, model, guide, args, num_samples=4000, seed=0)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("validation", [True, False])
+def test_factor_in_guide(config, validation):
+    estimator, vectorize, num_particles, num_samples = config
+    pyro.enable_validation(validation)
+    model, guide, args = tiny_models.factor_in_guide()
+    elbo = TraceARM_ELBO(
+        num_particles=num_particles, vectorize_particles=vectorize, estimator=estimator
+    )
+    assert_unbiased(elbo, model, guide, args, num_samples=num_samples, seed=0)
+
+
+def test_checker_rejects_factor_left_out_of_signals(monkeypatch):
+    """A signal without the guide's factor terms (they read z) is biased."""
+    original = signals.cost_terms
+
+    def without_factor(model_trace, guide_trace, *rest, **kwargs):
+        guide_trace = guide_trace.copy()
+        guide_trace.remove_node("f")
+        return original(model_trace, guide_trace, *rest, **kwargs)
+
+    monkeypatch.setattr(trace_arm_elbo, "cost_terms", without_factor)
+    model, guide, args = tiny_models.factor_in_guide()
+    elbo = TraceARM_ELBO(num_particles=200, vectorize_particles=True)
+    with pytest.raises(AssertionError, match=r"biased components \[.*'phi"):
+        assert_unbiased(elbo, model, guide, args, num_samples=10000, seed=0)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+def test_empty_model_and_guide(config):
+    """Nothing to estimate: the loss is exactly 0 by every method, with no error."""
+    estimator, vectorize, num_particles, _ = config
+    model, guide, args = tiny_models.empty()
+    elbo = TraceARM_ELBO(
+        num_particles=num_particles, vectorize_particles=vectorize, estimator=estimator
+    )
+    assert exact_elbo(model, guide, *args) == 0.0
+    assert elbo.loss(model, guide, *args) == 0.0
+    assert elbo.loss_and_grads(model, guide, *args) == 0.0
+    assert elbo.differentiable_loss(model, guide, *args).item() == 0.0
