@@ -23,6 +23,7 @@ from typing import NoReturn, Optional, Sequence
 from pyro_arm.sbn.checkpoint import load_checkpoint
 from pyro_arm.sbn.config import TRAJECTORY_FIELDS, ConfigError, TrainConfig, flag
 from pyro_arm.sbn.data import DataError
+from pyro_arm.sbn.distributed import shutdown
 from pyro_arm.sbn.train import TrainingInterrupted, train
 
 PROG = "pyro-arm"
@@ -149,6 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     except KeyboardInterrupt:
         return _error("interrupted", 130)
+    finally:
+        shutdown()  # leaves the process group of a torchrun run
     return 0
 
 

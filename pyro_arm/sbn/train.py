@@ -38,11 +38,12 @@ import torch
 from pyro.infer import ELBO
 from torch import Tensor
 
+from pyro_arm.sbn import distributed
 from pyro_arm.sbn.checkpoint import TrainState, save_checkpoint
-from pyro_arm.sbn.config import ConfigError, TrainConfig, resolve_device
+from pyro_arm.sbn.config import ConfigError, TrainConfig
 from pyro_arm.sbn.data import MNISTData, load_mnist
+from pyro_arm.sbn.distributed import Ranks
 from pyro_arm.sbn.elbo import make_elbo
-from pyro_arm.sbn.evaluate import evaluate_sbn, negative_elbo
 from pyro_arm.sbn.files import atomic_write_text
 from pyro_arm.sbn.metrics import append_metrics, read_metrics, truncate_metrics, write_metrics
 from pyro_arm.sbn.models import SigmoidBeliefNet, build_sbn
@@ -63,8 +64,11 @@ class TrainingInterrupted(KeyboardInterrupt):
 class _TrainStream:
     """The training batch of each step, a pure function of ``(seed, step)``."""
 
-    def __init__(self, data: MNISTData, batch_size: int, seed: int, device: torch.device):
+    def __init__(
+        self, data: MNISTData, batch_size: int, seed: int, device: torch.device, ranks: Ranks
+    ):
         self.data, self.batch_size, self.seed, self.device = data, batch_size, seed, device
+        self.ranks = ranks
         n = data.num_examples("train")
         if n < batch_size:
             raise ConfigError(f"--batch-size {batch_size} exceeds the {n} training images")
@@ -79,7 +83,8 @@ class _TrainStream:
             self._epoch = epoch
         index = self._order[i * self.batch_size : (i + 1) * self.batch_size]
         g = generator(self.seed, Stream.BINARIZE, step)
-        return self.data.batch("train", index, device=self.device, generator=g)
+        x = self.data.batch("train", index, device=self.device, generator=g)
+        return self.ranks.shard(x)  # this rank's part of the global batch
 
 
 @dataclass
@@ -93,6 +98,8 @@ class _Run:
     elbo: ELBO
     stream: _TrainStream
     x_valid: Tensor
+    ranks: Ranks
+    step_loss: Callable[[Tensor], float]  # accumulates grads; -ELBO summed over the global batch
 
     @property
     def dir(self) -> Path:
@@ -104,26 +111,33 @@ class _Run:
 
 
 def _build(config: TrainConfig) -> _Run:
-    device = resolve_device(config.device)
+    ranks = Ranks.from_env()
+    device = ranks.device(config.device)
+    ranks.setup(device, config.batch_size)
     data = load_mnist(config.data, config.binarization)
     torch.manual_seed(config.seed)  # the initial parameters
     pyro.clear_param_store()
     sbn = build_sbn(config.model, data.train_pixel_mean()).to(device)
     elbo = make_elbo(config.estimator, config.num_particles, config.vectorize)
-    stream = _TrainStream(data, config.batch_size, config.seed, device)
+    stream = _TrainStream(data, config.batch_size, config.seed, device, ranks)
     x_valid = data.fixed("valid", seed=0).to(device)
-    return _Run(config, device, data, sbn, elbo, stream, x_valid)
+    step_loss = distributed.step_function(ranks, sbn, elbo)
+    return _Run(config, device, data, sbn, elbo, stream, x_valid, ranks, step_loss)
 
 
 def _start(run: _Run, checkpoint: Optional[dict], log: Callable[[str], None]) -> TrainState:
     """A fresh state, or the checkpoint's (dropping the metrics rows written after it)."""
     optimizer = torch.optim.Adam(run.sbn.parameters(), lr=run.config.lr)
+    main = run.ranks.is_main
     if checkpoint is None:
-        write_metrics(run.metrics_path, [])
-        seed_global(run.config.seed, Stream.GUIDE)
+        if main:
+            write_metrics(run.metrics_path, [])
+        seed_global(run.config.seed, Stream.GUIDE, *run.ranks.stream_index)
         return TrainState(run.sbn, optimizer, run.device)
     state = TrainState.from_checkpoint(checkpoint, run.sbn, optimizer, run.device)
-    truncate_metrics(run.metrics_path, state.step)
+    run.ranks.restore_rng(checkpoint)
+    if main:
+        truncate_metrics(run.metrics_path, state.step)
     log(f"resuming {run.dir} at step {state.step} of {run.config.steps}")
     return state
 
@@ -150,13 +164,14 @@ def _write_info(run: _Run) -> None:
             **{f"num_{s}": data.num_examples(s) for s in ("train", "valid", "test")},
         },
         "steps_per_epoch": run.stream.steps_per_epoch,
+        **run.ranks.info(),
     }
     atomic_write_text(run.dir / "config.json", json.dumps(info, indent=2) + "\n")
 
 
-def _evaluate_valid(sbn, x_valid: Tensor, seed: int, step: int, device: torch.device) -> float:
-    with forked(seed, Stream.VALID, step, device=device):
-        return negative_elbo(sbn.model, sbn.guide, x_valid, 1, batch_size=1000)
+def _evaluate_valid(run: _Run, step: int) -> float:
+    with forked(run.config.seed, Stream.VALID, step, *run.ranks.stream_index, device=run.device):
+        return distributed.negative_elbo(run.ranks, run.sbn, run.x_valid, batch_size=1000)
 
 
 def _train_step(run: _Run, state: TrainState) -> float:
@@ -164,7 +179,7 @@ def _train_step(run: _Run, state: TrainState) -> float:
     x = run.stream.batch(state.step)
     t0 = time.perf_counter()
     state.optimizer.zero_grad(set_to_none=True)
-    loss = run.elbo.loss_and_grads(run.sbn.model, run.sbn.guide, x) / x.shape[0]
+    loss = run.step_loss(x) / run.config.batch_size
     state.optimizer.step()
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
@@ -179,7 +194,7 @@ def _train_step(run: _Run, state: TrainState) -> float:
 
 def _metrics_row(run: _Run, state: TrainState) -> dict:
     """Evaluates the validation ``-ELBO`` and appends the row of ``state.step``."""
-    valid = _evaluate_valid(run.sbn, run.x_valid, run.config.seed, state.step, run.device)
+    valid = _evaluate_valid(run, state.step)
     row = {
         "step": state.step,
         "epoch": state.step / run.stream.steps_per_epoch,
@@ -187,7 +202,8 @@ def _metrics_row(run: _Run, state: TrainState) -> dict:
         "valid_neg_elbo": valid,
         "train_wall_s": state.train_wall_s,
     }
-    append_metrics(run.metrics_path, row)
+    if run.ranks.is_main:
+        append_metrics(run.metrics_path, row)
     return row
 
 
@@ -200,7 +216,9 @@ class _Loop:
 
     def save(self) -> None:
         if self.state.step != self.saved_step:
-            save_checkpoint(self.state.to_checkpoint(asdict(self.run.config)), self._path)
+            ckpt = self.run.ranks.gather_rng(self.state.to_checkpoint(asdict(self.run.config)))
+            if self.run.ranks.is_main:
+                save_checkpoint(ckpt, self._path)
             self.saved_step = self.state.step
 
     @property
@@ -236,7 +254,9 @@ class _Loop:
                     self.callback(self.state.step, loss)
         except KeyboardInterrupt:
             self.bar.close()
-            if consistent:  # else keep the last checkpoint; the half-done step is redone
+            # else keep the last checkpoint (the half-done step is redone); under several
+            # processes too: the ranks stop at different points and cannot gather their RNGs
+            if consistent and not self.run.ranks.distributed:
                 self.save()
             raise TrainingInterrupted(self.saved_step, self.run.dir) from None
         self.bar.close()
@@ -264,6 +284,7 @@ def _summary(run: _Run, state: TrainState, result: dict, eval_wall_s: float) -> 
         "data": run.data.source,
         "binarization": run.config.binarization,
         "units": "nats per datapoint; test_elbo and test_iwae are negated bounds (lower is better)",
+        **run.ranks.info(),
     }
 
 
@@ -274,10 +295,14 @@ def _finish(run: _Run, state: TrainState, log: Callable[[str], None]) -> dict:
     config, device = run.config, run.device
     t0 = time.perf_counter()
     x_test = run.data.fixed("test", seed=0).to(device)
-    with forked(config.seed, Stream.TEST, device=device):
-        result = evaluate_sbn(run.sbn, x_test, k=config.eval_k, iw_size=config.test_size)
+    with forked(config.seed, Stream.TEST, *run.ranks.stream_index, device=device):
+        result = distributed.evaluate_sbn(
+            run.ranks, run.sbn, x_test, config.eval_k, config.test_size
+        )
     result["test_size"] = x_test.shape[0]
     summary = _summary(run, state, result, time.perf_counter() - t0)
+    if not run.ranks.is_main:
+        return summary
     atomic_write_text(run.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(
         f"test -ELBO {summary['test_elbo']:.2f} nats, -IWAE(k={summary['k']}, "
@@ -323,9 +348,13 @@ def train(
             "--run-dir (or delete the folder)"
         )
     run = _build(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not run.ranks.is_main:  # only rank 0 writes files and messages
+        progress, log = False, lambda message: None
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
     state = _start(run, checkpoint, log)
-    _write_info(run)
+    if run.ranks.is_main:
+        _write_info(run)
     bar = tqdm(
         total=config.steps,
         initial=state.step,
