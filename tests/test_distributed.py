@@ -1,0 +1,169 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Data parallelism on CPU (gloo, 2 processes): ``TraceARM_ELBO`` inside DDP, ``pyro-arm train``
+under ``torchrun`` (identical parameters, rank-0 files, exact resume), and :class:`Ranks`.
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+from pyro.nn import PyroModule
+from torch.nn.parallel import DistributedDataParallel
+
+import pyro_arm.sbn.train as train_module
+from pyro_arm import TraceARM_ELBO
+from pyro_arm.sbn.config import TrainConfig
+from pyro_arm.sbn.distributed import Ranks, step_function
+from pyro_arm.sbn.models import SigmoidBeliefNet
+from pyro_arm.sbn.train import train
+
+WORLD = 2
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+FAST = ["--eval-k", "2", "--test-size", "4", "--no-progress", "--device", "cpu"]
+
+
+def _join(rank: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    torch_dist.init_process_group(
+        "gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD
+    )
+
+
+def _spawn(fn, *args) -> None:
+    mp.spawn(fn, args=args, nprocs=WORLD, join=True)
+
+
+# ------------------------------------------------------------------ TraceARM_ELBO inside DDP
+
+
+class Decoder(PyroModule):
+    """A two-layer SBN's generative model as its own module (``ELBOModule`` wants modules)."""
+
+    def __init__(self):
+        super().__init__()
+        self.prior = torch.nn.Parameter(torch.zeros(2))
+        self.top = torch.nn.Linear(2, 3)
+        self.out = torch.nn.Linear(3, 6)
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[-2], dim=-1):
+            z2 = pyro.sample("z2", dist.Bernoulli(logits=self.prior).expand([2]).to_event(1))
+            z1 = pyro.sample("z1", dist.Bernoulli(logits=self.top(z2)).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.out(z1)).to_event(1), obs=x)
+
+
+class Encoder(PyroModule):
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(6, 3)
+        self.second = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        with pyro.plate("data", x.shape[-2], dim=-1):
+            z1 = pyro.sample("z1", dist.Bernoulli(logits=self.first(x)).to_event(1))
+            pyro.sample("z2", dist.Bernoulli(logits=self.second(z1)).to_event(1))
+
+
+def _grads(module) -> list:
+    grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad(set_to_none=True)
+    return grads
+
+
+def _shard_and_seed(rank: int):
+    x = torch.bernoulli(torch.full((10, 6), 0.4, dtype=torch.float64),
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    return x[5 * rank : 5 * (rank + 1)], 100 + rank
+
+
+def _ddp_grads_worker(rank: int, tmp: str, vectorize: bool) -> None:
+    """Each rank: single-process and DDP gradients of its shard under the same random numbers."""
+    _join(rank, tmp)
+    torch.set_default_dtype(torch.float64)
+    pyro.settings.set(module_local_params=True)
+    shard, seed = _shard_and_seed(rank)
+    elbo = TraceARM_ELBO(num_particles=3, vectorize_particles=vectorize, max_plate_nesting=1)
+    torch.manual_seed(0)
+    loss_fn = elbo(Decoder(), Encoder())  # Pyro's ELBOModule: params exist at construction
+    out = {}
+    torch.manual_seed(seed)
+    loss_fn(shard).backward()
+    out["elbo_module_single"] = _grads(loss_fn)
+    torch.manual_seed(seed)
+    ddp = DistributedDataParallel(loss_fn)  # keep a reference: its reducer holds the hooks
+    ddp(shard).backward()
+    out["elbo_module_ddp"] = _grads(loss_fn)
+    # pyro-arm train's step: the SBN's model/guide methods, the loss scaled to a sum
+    torch.manual_seed(0)
+    sbn = SigmoidBeliefNet(6, (3, 2))
+    torch.manual_seed(seed)
+    elbo.loss_and_grads(sbn.model, sbn.guide, shard)
+    out["train_single"] = _grads(sbn)
+    torch.manual_seed(seed)
+    step_function(Ranks(WORLD, rank, rank), sbn, elbo)(shard)
+    out["train_ddp"] = _grads(sbn)
+    torch.save(out, f"{tmp}/grads{rank}.pt")
+    torch_dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["sequential", "vectorized"])
+def test_trace_arm_elbo_in_ddp(tmp_path, vectorize):
+    _spawn(_ddp_grads_worker, str(tmp_path), vectorize)
+    r0, r1 = (torch.load(tmp_path / f"grads{r}.pt") for r in range(WORLD))
+    for name, reduce in (("elbo_module", "mean"), ("train", "sum")):
+        single0, single1 = r0[f"{name}_single"], r1[f"{name}_single"]
+        for ddp0, ddp1, g0, g1 in zip(r0[f"{name}_ddp"], r1[f"{name}_ddp"], single0, single1):
+            assert torch.equal(ddp0, ddp1)  # all-reduced: the same on every rank
+            # ELBOModule in DDP: the average of the shards' gradients; pyro-arm train's step:
+            # their sum, the one-process gradient of the global batch (the loss is a sum)
+            expected = (g0 + g1) / 2 if reduce == "mean" else g0 + g1
+            assert torch.allclose(ddp0, expected, rtol=1e-12, atol=1e-12)
+        # power: the shards' random numbers differ, so one shard alone is not the answer
+        assert any(not torch.allclose(g0, g1, atol=1e-6) for g0, g1 in zip(single0, single1))
+
+
+# --------------------------------------------------------------- pyro-arm train on two ranks
+
+
+def _train_worker(rank: int, tmp: str) -> None:
+    """Trains with a relative run folder, each rank in its own working directory."""
+    _join(rank, tmp)
+    os.chdir(f"{tmp}/rank{rank}")
+    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank))
+    config = TrainConfig(
+        steps=4, batch_size=11, eval_every=2, checkpoint_every=2, eval_k=2, test_size=3,
+        device="cpu", run_dir="run",
+    )  # fmt: skip
+    runs = []  # the run that train builds, to read this rank's parameters
+    build = train_module._build
+    train_module._build = lambda config: runs.append(build(config)) or runs[-1]
+    summary = train(config, progress=False, log=lambda message: None)
+    params = {n: p.detach().clone() for n, p in runs[0].sbn.named_parameters()}
+    torch.save({"summary": summary, "params": params}, f"{tmp}/out{rank}.pt")
+    torch_dist.destroy_process_group()
+
+
+def test_train_two_ranks_rank0_writes(tmp_path):
+    for rank in range(WORLD):
+        (tmp_path / f"rank{rank}").mkdir()
+    _spawn(_train_worker, str(tmp_path))
+    out = [torch.load(tmp_path / f"out{r}.pt") for r in range(WORLD)]
+    for name, p0 in out[0]["params"].items():
+        assert torch.equal(p0, out[1]["params"][name]), name
+    # rank 0 wrote the whole run folder, rank 1 nothing
+    assert {p.name for p in (tmp_path / "rank0" / "run").iterdir()} >= {
+        "config.json", "metrics.csv", "checkpoint.pt", "summary.json", "samples.png",
+    }  # fmt: skip
+    assert list((tmp_path / "rank1").iterdir()) == []
+    # the reduced test numbers agree on every rank
+    for key in ("test_elbo", "test_iwae"):
+        assert out[0]["summary"][key] == out[1]["summary"][key]
+    assert out[0]["summary"]["world_size"] == WORLD
