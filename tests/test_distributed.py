@@ -6,6 +6,7 @@ under ``torchrun`` (identical parameters, rank-0 files, exact resume), and :clas
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import pyro_arm.sbn.train as train_module
 from pyro_arm import TraceARM_ELBO
-from pyro_arm.sbn.config import TrainConfig
+from pyro_arm.sbn.checkpoint import load_checkpoint
+from pyro_arm.sbn.cli import main
+from pyro_arm.sbn.config import ConfigError, TrainConfig
 from pyro_arm.sbn.distributed import Ranks, step_function
 from pyro_arm.sbn.models import SigmoidBeliefNet
 from pyro_arm.sbn.train import train
@@ -167,3 +170,67 @@ def test_train_two_ranks_rank0_writes(tmp_path):
     for key in ("test_elbo", "test_iwae"):
         assert out[0]["summary"][key] == out[1]["summary"][key]
     assert out[0]["summary"]["world_size"] == WORLD
+
+
+def _torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m pyro_arm train ...`` (the README command)."""
+    command = [TORCHRUN, "--standalone", "--nproc-per-node", str(WORLD), "-m", "pyro_arm"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*command, "train", *args, *FAST], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_torchrun_resume_is_exact(tmp_path, capsys):
+    opts = ["--batch-size", "9", "--eval-every", "2", "--checkpoint-every", "2"]
+    _torchrun(tmp_path, "--steps", "2", "--run-dir", "cut", *opts)
+    _torchrun(tmp_path, "--steps", "4", "--run-dir", "cut", "--resume", *opts)
+    _torchrun(tmp_path, "--steps", "4", "--run-dir", "full", *opts)
+    cut, full = (load_checkpoint(tmp_path / r / "checkpoint.pt") for r in ("cut", "full"))
+    assert cut["step"] == full["step"] == 4 and cut["world_size"] == WORLD
+    for name, value in full["model"].items():  # bit for bit
+        assert torch.equal(cut["model"][name], value), name
+    for a, b in zip(cut["rank_rng"], full["rank_rng"]):
+        assert torch.equal(a["torch"], b["torch"])
+    rows = [(tmp_path / r / "metrics.csv").read_text().splitlines() for r in ("cut", "full")]
+    columns = [[line.split(",")[:4] for line in r] for r in rows]  # all but the wall time
+    assert columns[0] == columns[1] and len(columns[0]) == 3
+    # another number of processes: one line, exit status 2
+    status = main(["train", "--run-dir", str(tmp_path / "cut"), "--resume", "--steps", "8", *FAST])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1
+    assert "trained by 2 process(es), not 1" in err and "--nproc-per-node 2" in err
+
+
+# ------------------------------------------------------------------------------------- Ranks
+
+
+def test_ranks_from_env(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    alone = Ranks.from_env()
+    assert not alone.distributed and alone.is_main and alone.stream_index == ()
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    ranks = Ranks.from_env()
+    assert ranks == Ranks(3, 2, 0) and not ranks.is_main and ranks.stream_index == (3, 2)
+
+
+def test_ranks_shard_covers_the_batch():
+    x = torch.arange(10)
+    assert torch.equal(Ranks().shard(x), x)
+    shards = [Ranks(3, r, r).shard(x) for r in range(3)]
+    assert torch.equal(torch.cat(shards), x) and [len(s) for s in shards] == [4, 3, 3]
+
+
+def test_ranks_refuse_bad_setups():
+    ranks = Ranks(2, 0, 0)
+    with pytest.raises(ConfigError, match="--batch-size 1 is smaller than the 2 processes"):
+        ranks.setup(torch.device("cpu"), 1)
+    with pytest.raises(ConfigError, match="trained by 1 process"):
+        ranks.restore_rng({})
+    Ranks().restore_rng({})  # a one-process checkpoint resumes alone
+    assert Ranks().info() == {} and ranks.info() == {"world_size": 2}
