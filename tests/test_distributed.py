@@ -25,6 +25,7 @@ from pyro_arm.sbn.checkpoint import load_checkpoint
 from pyro_arm.sbn.cli import main
 from pyro_arm.sbn.config import ConfigError, TrainConfig
 from pyro_arm.sbn.distributed import Ranks, step_function
+from pyro_arm.sbn.elbo import make_elbo
 from pyro_arm.sbn.models import SigmoidBeliefNet
 from pyro_arm.sbn.train import train
 
@@ -233,4 +234,6 @@ def test_ranks_refuse_bad_setups():
     with pytest.raises(ConfigError, match="trained by 1 process"):
         ranks.restore_rng({})
     Ranks().restore_rng({})  # a one-process checkpoint resumes alone
+    with pytest.raises(ConfigError, match="TraceGraph_ELBO has no differentiable_loss"):
+        step_function(ranks, SigmoidBeliefNet(4, (2,)), make_elbo("tracegraph"))
     assert Ranks().info() == {} and ranks.info() == {"world_size": 2}

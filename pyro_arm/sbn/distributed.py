@@ -203,6 +203,11 @@ def step_function(ranks: Ranks, sbn: nn.Module, elbo: ELBO) -> Callable[[Tensor]
     """
     if not ranks.distributed:
         return lambda x: elbo.loss_and_grads(sbn.model, sbn.guide, x)
+    if not hasattr(elbo, "differentiable_loss"):  # DDP needs the loss as a tensor
+        raise ConfigError(
+            f"{type(elbo).__name__} has no differentiable_loss in this Pyro, so it cannot train "
+            "under torchrun (DDP); use it in one process, or another --estimator"
+        )
     device = next(sbn.parameters()).device
     ids = [device.index] if device.type == "cuda" else None
     ddp = DistributedDataParallel(ElboLoss(sbn, elbo, ranks.world_size), device_ids=ids)
