@@ -21,6 +21,9 @@ for bit on the same device, as an uninterrupted run.
 
 All losses are in nats per datapoint; ``train_loss`` is the mean training ``-ELBO`` over the
 steps since the previous row.
+
+Under ``torchrun`` the same loop runs data-parallel; :mod:`pyro_arm.sbn.distributed` holds what
+changes (the shard of each batch, DDP, the ranks' random streams, rank-0 writes).
 """
 
 from __future__ import annotations
