@@ -172,9 +172,10 @@ def _write_info(run: _Run) -> None:
     atomic_write_text(run.dir / "config.json", json.dumps(info, indent=2) + "\n")
 
 
-def _evaluate_valid(run: _Run, step: int) -> float:
-    with forked(run.config.seed, Stream.VALID, step, *run.ranks.stream_index, device=run.device):
-        return distributed.negative_elbo(run.ranks, run.sbn, run.x_valid, batch_size=1000)
+def _evaluate_valid(sbn, x_valid: Tensor, seed: int, step: int, device: torch.device) -> float:
+    ranks = Ranks.from_env()  # sharded over the processes of a torchrun run
+    with forked(seed, Stream.VALID, step, *ranks.stream_index, device=device):
+        return distributed.negative_elbo(ranks, sbn, x_valid, batch_size=1000)
 
 
 def _train_step(run: _Run, state: TrainState) -> float:
@@ -197,7 +198,7 @@ def _train_step(run: _Run, state: TrainState) -> float:
 
 def _metrics_row(run: _Run, state: TrainState) -> dict:
     """Evaluates the validation ``-ELBO`` and appends the row of ``state.step``."""
-    valid = _evaluate_valid(run, state.step)
+    valid = _evaluate_valid(run.sbn, run.x_valid, run.config.seed, state.step, run.device)
     row = {
         "step": state.step,
         "epoch": state.step / run.stream.steps_per_epoch,
