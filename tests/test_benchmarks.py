@@ -188,3 +188,11 @@ def test_quality_smoke(tmp_path):
     assert "paired difference" in out
     assert len(record["difference"]["pairs"]) == 2
     assert set(record["summary"]) == {"arm_vec", "plain_arm"}
+
+
+@pytest.mark.slow
+def test_ddp_step_time_smoke(tmp_path):
+    out, record = run_script("ddp_step_time", "--quick", tmp_path=tmp_path)
+    assert "| processes | steps/s |" in out
+    assert set(record["steps_per_s"]) == {"1", "2"}
+    assert all(rate > 0 for rate in record["steps_per_s"].values())

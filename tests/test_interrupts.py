@@ -61,13 +61,16 @@ def same_run(a: Path, b: Path) -> None:
 
 
 class Trainer:
-    """``pyro-arm train`` in a subprocess, its output read line by line by a thread."""
+    """
+    ``pyro-arm train`` in a subprocess (``launcher -m pyro_arm train``; e.g. under torchrun),
+    its output read line by line by a thread.
+    """
 
-    def __init__(self, run_dir: Path, **extra):
+    def __init__(self, run_dir: Path, launcher=(sys.executable,), **extra):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         args = cli_args({**COMMON, **extra, "run_dir": run_dir})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyro_arm", "train", *args, "--no-progress"],
+            [*launcher, "-m", "pyro_arm", "train", *args, "--no-progress"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
         )  # fmt: skip
         self.lines: list[str] = []

@@ -12,7 +12,9 @@ checkpoint: options not given are taken from the saved run, and options that fix
 Bad input, a diverged run and a file-system error (read-only folder, full disk) end with one line
 ``pyro-arm: error: <what is wrong and what to do>`` and exit status 2. The first SIGINT (Ctrl-C)
 or SIGTERM lets the current step finish, saves a checkpoint of it and exits with status 130
-(SIGINT) or 143 (SIGTERM); a second one aborts at once, keeping the last checkpoint.
+(SIGINT) or 143 (SIGTERM); a second one aborts at once, keeping the last checkpoint. Under
+``torchrun`` every rank stops after the same step (:mod:`pyro_arm.sbn.distributed`), and the
+messages of a clean stop or a divergence, which all ranks share, are printed by rank 0 alone.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import NoReturn, Optional, Sequence
 from pyro_arm.sbn.checkpoint import load_checkpoint
 from pyro_arm.sbn.config import TRAJECTORY_FIELDS, ConfigError, TrainConfig, flag
 from pyro_arm.sbn.data import DataError
+from pyro_arm.sbn.distributed import Ranks, shutdown
 from pyro_arm.sbn.rundir import check_location
 from pyro_arm.sbn.train import TrainingDiverged, TrainingInterrupted, train
 
@@ -124,8 +127,10 @@ def _train(args: argparse.Namespace) -> None:
     train(config, checkpoint=checkpoint, progress=not args.no_progress)
 
 
-def _error(message: str, status: int = 2) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+def _error(message: str, status: int = 2, every_rank: bool = True) -> int:
+    """Prints the one-line error (under torchrun, on rank 0 only unless ``every_rank``)."""
+    if every_rank or Ranks.from_env().is_main:
+        print(f"{PROG}: error: {message}", file=sys.stderr)
     return status
 
 
@@ -154,14 +159,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         _train(args)
-    except (ConfigError, DataError, TrainingDiverged) as e:
+    except TrainingDiverged as e:  # every rank of a torchrun run agrees: rank 0 says it
+        return _error(str(e), every_rank=False)
+    except (ConfigError, DataError) as e:
         return _error(str(e))
     except OSError as e:
         return _error(_os_error(e))
     except TrainingInterrupted as e:
-        return _error(str(e), 128 + e.signum)
+        return _error(str(e), 128 + e.signum, every_rank=e.aborted)
     except KeyboardInterrupt:
         return _error("interrupted", 130)
+    finally:
+        shutdown()  # leaves the process group of a torchrun run
     return 0
 
 

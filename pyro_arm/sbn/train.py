@@ -28,6 +28,9 @@ folder, and removes what it wrote if it fails before its first checkpoint
 
 All losses are in nats per datapoint; ``train_loss`` is the mean training ``-ELBO`` over the
 steps since the previous row.
+
+Under ``torchrun`` the same loop runs data-parallel; :mod:`pyro_arm.sbn.distributed` holds what
+changes (the shard of each batch, DDP, the ranks' random streams, rank-0 writes).
 """
 
 from __future__ import annotations
@@ -47,11 +50,12 @@ import torch
 from pyro.infer import ELBO
 from torch import Tensor
 
+from pyro_arm.sbn import distributed
 from pyro_arm.sbn.checkpoint import TrainState, save_checkpoint
-from pyro_arm.sbn.config import ConfigError, TrainConfig, resolve_device
+from pyro_arm.sbn.config import ConfigError, TrainConfig
 from pyro_arm.sbn.data import MNISTData, load_mnist
+from pyro_arm.sbn.distributed import Ranks
 from pyro_arm.sbn.elbo import make_elbo
-from pyro_arm.sbn.evaluate import evaluate_sbn, negative_elbo
 from pyro_arm.sbn.files import atomic_write_text
 from pyro_arm.sbn.interrupts import Aborted, StopSignals, signal_name
 from pyro_arm.sbn.metrics import append_metrics, read_metrics, truncate_metrics, write_metrics
@@ -107,8 +111,11 @@ class TrainingDiverged(FloatingPointError):
 class _TrainStream:
     """The training batch of each step, a pure function of ``(seed, step)``."""
 
-    def __init__(self, data: MNISTData, batch_size: int, seed: int, device: torch.device):
+    def __init__(
+        self, data: MNISTData, batch_size: int, seed: int, device: torch.device, ranks: Ranks
+    ):
         self.data, self.batch_size, self.seed, self.device = data, batch_size, seed, device
+        self.ranks = ranks
         n = data.num_examples("train")
         if n < batch_size:
             raise ConfigError(f"--batch-size {batch_size} exceeds the {n} training images")
@@ -123,7 +130,8 @@ class _TrainStream:
             self._epoch = epoch
         index = self._order[i * self.batch_size : (i + 1) * self.batch_size]
         g = generator(self.seed, Stream.BINARIZE, step)
-        return self.data.batch("train", index, device=self.device, generator=g)
+        x = self.data.batch("train", index, device=self.device, generator=g)
+        return self.ranks.shard(x)  # this rank's part of the global batch
 
 
 @dataclass
@@ -137,6 +145,8 @@ class _Run:
     elbo: ELBO
     stream: _TrainStream
     x_valid: Tensor
+    ranks: Ranks
+    step_loss: Callable[[Tensor], float]  # accumulates grads; -ELBO summed over the global batch
 
     @property
     def dir(self) -> Path:
@@ -148,8 +158,10 @@ class _Run:
 
 
 def _build(config: TrainConfig) -> _Run:
-    device = resolve_device(config.device)
+    ranks = Ranks.from_env()
+    device = ranks.device(config.device)
     check_fits(config.model, device)
+    ranks.setup(device, config.batch_size)
     data = load_mnist(config.data, config.binarization)
     torch.manual_seed(config.seed)  # the initial parameters
     pyro.clear_param_store()
@@ -160,20 +172,25 @@ def _build(config: TrainConfig) -> _Run:
             f"--model {config.model} does not fit in memory ({e}); choose smaller layers"
         ) from None
     elbo = make_elbo(config.estimator, config.num_particles, config.vectorize)
-    stream = _TrainStream(data, config.batch_size, config.seed, device)
+    stream = _TrainStream(data, config.batch_size, config.seed, device, ranks)
     x_valid = data.fixed("valid", seed=0).to(device)
-    return _Run(config, device, data, sbn, elbo, stream, x_valid)
+    step_loss = distributed.step_function(ranks, sbn, elbo)
+    return _Run(config, device, data, sbn, elbo, stream, x_valid, ranks, step_loss)
 
 
 def _start(run: _Run, checkpoint: Optional[dict], log: Callable[[str], None]) -> TrainState:
     """A fresh state, or the checkpoint's (dropping the metrics rows written after it)."""
     optimizer = torch.optim.Adam(run.sbn.parameters(), lr=run.config.lr)
+    main = run.ranks.is_main
     if checkpoint is None:
-        write_metrics(run.metrics_path, [])
-        seed_global(run.config.seed, Stream.GUIDE)
+        if main:
+            write_metrics(run.metrics_path, [])
+        seed_global(run.config.seed, Stream.GUIDE, *run.ranks.stream_index)
         return TrainState(run.sbn, optimizer, run.device)
     state = TrainState.from_checkpoint(checkpoint, run.sbn, optimizer, run.device)
-    truncate_metrics(run.metrics_path, state.step)
+    run.ranks.restore_rng(checkpoint)
+    if main:
+        truncate_metrics(run.metrics_path, state.step)
     if state.step == run.config.steps:
         log(f"{run.dir} already reached step {state.step} (--steps); evaluating it again")
     else:
@@ -220,13 +237,15 @@ def _write_info(run: _Run) -> None:
         },
         "steps_per_epoch": run.stream.steps_per_epoch,
         "threads": torch.get_num_threads(),
+        **run.ranks.info(),
     }
     atomic_write_text(run.dir / "config.json", json.dumps(info, indent=2) + "\n")
 
 
 def _evaluate_valid(sbn, x_valid: Tensor, seed: int, step: int, device: torch.device) -> float:
-    with forked(seed, Stream.VALID, step, device=device):
-        return negative_elbo(sbn.model, sbn.guide, x_valid, 1, batch_size=1000)
+    ranks = Ranks.from_env()  # sharded over the processes of a torchrun run
+    with forked(seed, Stream.VALID, step, *ranks.stream_index, device=device):
+        return distributed.negative_elbo(ranks, sbn, x_valid, batch_size=1000)
 
 
 def _train_step(run: _Run, state: TrainState) -> float:
@@ -234,7 +253,7 @@ def _train_step(run: _Run, state: TrainState) -> float:
     x = run.stream.batch(state.step)
     t0 = time.perf_counter()
     state.optimizer.zero_grad(set_to_none=True)
-    loss = run.elbo.loss_and_grads(run.sbn.model, run.sbn.guide, x) / x.shape[0]
+    loss = run.step_loss(x) / run.config.batch_size
     state.optimizer.step()
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
@@ -263,7 +282,8 @@ def _metrics_row(run: _Run, state: TrainState) -> dict:
         "valid_neg_elbo": valid,
         "train_wall_s": state.train_wall_s,
     }
-    append_metrics(run.metrics_path, row)
+    if run.ranks.is_main:
+        append_metrics(run.metrics_path, row)
     return row
 
 
@@ -273,7 +293,9 @@ class _Loop:
 
     A checkpoint is only written after a step whose loss and parameters are finite. A stop
     signal (:class:`~pyro_arm.sbn.interrupts.StopSignals`) lets the current step and its metrics
-    row finish, then saves it; a second signal aborts at once, leaving the last checkpoint.
+    row finish, then saves it; a second signal aborts at once, leaving the last checkpoint. Under
+    torchrun the ranks agree on the stop after every step (:meth:`_stop_agreed`), so all of them
+    save and stop after the same step.
     """
 
     def __init__(self, run: _Run, state: TrainState, bar, say, callback, stop: StopSignals):
@@ -283,7 +305,9 @@ class _Loop:
 
     def save(self) -> None:
         if self.state.step != self.saved_step:
-            save_checkpoint(self.state.to_checkpoint(asdict(self.run.config)), self._path)
+            ckpt = self.run.ranks.gather_rng(self.state.to_checkpoint(asdict(self.run.config)))
+            if self.run.ranks.is_main:
+                save_checkpoint(ckpt, self._path)
             self.saved_step = self.state.step
 
     @property
@@ -309,9 +333,16 @@ class _Loop:
             )
         return loss
 
+    def _stop_agreed(self) -> Optional[int]:
+        """
+        The stop signal, if one was received; under torchrun, by any rank (a collective: every
+        rank calls it at the same points, so all of them stop after the same finished step).
+        """
+        return self.run.ranks.max_int(self.stop.signum or 0, self.run.device) or None
+
     def _steps(self) -> None:
         """Steps until ``config.steps`` or a stop request; raises KeyboardInterrupt mid-step."""
-        while self.state.step < self.run.config.steps and not self.stop.requested:
+        while self.state.step < self.run.config.steps and not self._stop_agreed():
             self.consistent = False  # a step and its metrics row are half done
             loss = self._step_and_row()
             self.consistent = True
@@ -330,13 +361,16 @@ class _Loop:
         except Aborted as e:
             raise TrainingInterrupted(self.saved_step, self.run.dir, e.signum, True) from None
         except KeyboardInterrupt:  # raised inside a step (no signal handler, or a callback)
-            if self.consistent:  # else keep the last checkpoint; the half-done step is redone
+            # else keep the last checkpoint (the half-done step is redone); under several
+            # processes too: the ranks stop at different points and cannot gather their RNGs
+            if self.consistent and not self.run.ranks.distributed:
                 self.save()
             raise TrainingInterrupted(self.saved_step, self.run.dir) from None
         finally:
             self.bar.close()
-        if self.stop.requested:
-            raise TrainingInterrupted(self.saved_step, self.run.dir, self.stop.signum)
+        signum = self._stop_agreed()  # a signal during the last step stops every rank too
+        if signum is not None:
+            raise TrainingInterrupted(self.saved_step, self.run.dir, signum)
 
 
 def _summary(run: _Run, state: TrainState, result: dict, eval_wall_s: float) -> dict:
@@ -360,6 +394,7 @@ def _summary(run: _Run, state: TrainState, result: dict, eval_wall_s: float) -> 
         "data": run.data.source,
         "binarization": run.config.binarization,
         "units": "nats per datapoint; test_elbo and test_iwae are negated bounds (lower is better)",
+        **run.ranks.info(),
     }
 
 
@@ -370,10 +405,14 @@ def _finish(run: _Run, state: TrainState, log: Callable[[str], None]) -> dict:
     config, device = run.config, run.device
     t0 = time.perf_counter()
     x_test = run.data.fixed("test", seed=0).to(device)
-    with forked(config.seed, Stream.TEST, device=device):
-        result = evaluate_sbn(run.sbn, x_test, k=config.eval_k, iw_size=config.test_size)
+    with forked(config.seed, Stream.TEST, *run.ranks.stream_index, device=device):
+        result = distributed.evaluate_sbn(
+            run.ranks, run.sbn, x_test, config.eval_k, config.test_size
+        )
     result["test_size"] = x_test.shape[0]
     summary = _summary(run, state, result, time.perf_counter() - t0)
+    if not run.ranks.is_main:
+        return summary
     atomic_write_text(run.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log(
         f"test -ELBO {summary['test_elbo']:.2f} nats, -IWAE(k={summary['k']}, "
@@ -420,13 +459,16 @@ def train(
     else:
         _check_resume(checkpoint, config)
     _apply_threads(config)
-    with StopSignals(_STOP_MESSAGE) as stop:
+    main = Ranks.from_env().is_main  # only rank 0 writes files and messages
+    if not main:
+        progress, log = False, _silent
+    with StopSignals(_STOP_MESSAGE if main else "") as stop:
         try:
             run = _build(config)
-            folder = fresh_run_folder(run_dir) if checkpoint is None else contextlib.nullcontext()
-            with folder:
+            with _run_folder(run, fresh=checkpoint is None):
                 state = _start(run, checkpoint, log)
-                _write_info(run)
+                if main:
+                    _write_info(run)
                 _run_loop(run, state, progress, log, callback, stop)
         except Aborted as e:  # before or after the loop: the checkpoint is as it was
             step = int(checkpoint["step"]) if checkpoint is not None else 0
@@ -435,6 +477,17 @@ def train(
 
 
 _STOP_MESSAGE = "stopping after the current step (send it again to abort at once)"
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _run_folder(run: _Run, fresh: bool):
+    """:func:`~pyro_arm.sbn.rundir.fresh_run_folder` for a fresh run on rank 0; else nothing."""
+    if fresh and run.ranks.is_main:
+        return fresh_run_folder(run.dir)
+    return contextlib.nullcontext()
 
 
 def _run_loop(run: _Run, state: TrainState, progress: bool, log, callback, stop) -> None:
