@@ -67,7 +67,20 @@ class TraceARM_ELBO(ELBO):
     values, reparameterized sites are pathwise, and observed guide sites (``pyro.factor``) enter
     the cost and their own pathwise gradient.
 
-    :param int num_particles: number of particles (samples) averaged in the estimate.
+    **Low precision.** With half-precision logits (``bfloat16``, ``float16``, as
+    ``torch.autocast`` makes them) the uniforms are drawn and compared, and the estimator weights
+    computed, in float32 (:func:`~pyro_arm.estimators.working_dtype`); a site written with
+    ``probs=`` is sampled from its probs, so that probs of 0 and 1 give 0 and 1 exactly. The
+    samples keep the site's dtype, the cost terms and the ELBO are summed in float32, and the
+    gradients come back in the parameters' dtype. The log-densities themselves are those the
+    distributions compute (in their own dtype).
+
+    **Non-finite values.** With Pyro's validation on (the default), a signal or the surrogate
+    loss that is NaN or infinite raises Pyro's ``warn_if_nan`` / ``warn_if_inf`` warning, naming
+    the site (one read of the device per step; off with validation, like Pyro's other checks).
+
+    :param int num_particles: number of particles (samples) averaged in the estimate; a
+        positive integer, else :class:`ValueError`.
     :param int max_plate_nesting: bound on nested :class:`pyro.plate` contexts; guessed by running
         model and guide once when vectorizing and left unset.
     :param bool vectorize_particles: run particles and antithetic branches as batched passes;
