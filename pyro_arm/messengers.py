@@ -107,7 +107,7 @@ class BranchMessenger(Messenger):
     Sites before the flipped one keep their base values, and so do the plates' subsamples;
     sites after it are resampled, ARM sites from their base uniforms. A site the base run did
     not have (the structure may depend on the flipped value) is sampled afresh and listed in
-    :attr:`fresh`.
+    :attr:`fresh`; :attr:`seen` lists the base run's sites met so far, for error messages.
 
     :param base: the handler of the base run.
     :param flip: the name of the flipped ARM site.
@@ -118,6 +118,7 @@ class BranchMessenger(Messenger):
         self.base = base
         self.flip = base.position[flip]
         self.fresh: list[str] = []
+        self.seen: list[str] = []
 
     def _pyro_sample(self, msg) -> None:
         if msg["is_observed"] or msg["value"] is not None:
@@ -130,6 +131,7 @@ class BranchMessenger(Messenger):
         if position is None:
             self.fresh.append(name)  # downstream of the flip: sampled afresh by Pyro
             return
+        self.seen.append(name)
         if position < self.flip:
             msg["value"] = self.base.values[name]
             return

@@ -191,7 +191,7 @@ class Particle:
         ctx, names = self.context, list(self.arm_sites)
         branches = pyro.plate(_BRANCH_PLATE, len(names), dim=ctx.branch_dim)
         flips = BatchedBranchMessenger(self.sampler, names, ctx.branch_dim)
-        with batched_pass_errors(flips.seen):
+        with self._pass_errors(flips.seen):
             costs = run_costs(branches(ctx.model), flips(branches(ctx.guide)), ctx.args, ctx.kwargs)
         missing = [name for name in self.sampler.order if name not in flips.seen]
         if missing:
@@ -211,13 +211,13 @@ class Particle:
 
     def branch_costs(self, name: str) -> MultiFrameTensor:
         """The costs of the branch that flips ARM site ``name``."""
+        if name == self.last_site:
+            costs = self.model_branch_costs(name)
+            if costs is not None:
+                return costs
         ctx = self.context
-        with batched_pass_errors(self.sampler.order if ctx.vectorized else None):
-            if name == self.last_site:
-                costs = self.model_branch_costs(name)
-                if costs is not None:
-                    return costs
-            flip = BranchMessenger(self.sampler, name)
+        flip = BranchMessenger(self.sampler, name)
+        with self._pass_errors(flip.seen):
             return run_costs(ctx.model, flip(ctx.guide), ctx.args, ctx.kwargs)
 
     def model_branch_costs(self, name: str) -> Optional[MultiFrameTensor]:
@@ -229,7 +229,7 @@ class Particle:
         """
         ctx, costs = self.context, MultiFrameTensor()
         flip = BranchMessenger(self.sampler, name)
-        with torch.no_grad(), pyro.validation_enabled(False):
+        with self._pass_errors(flip.seen), torch.no_grad(), pyro.validation_enabled(False):
             with CostMessenger(costs, 1.0):
                 flip(ctx.model)(*ctx.args, **ctx.kwargs)
             if _has_new_latent_site(flip):
@@ -244,6 +244,10 @@ class Particle:
             elif term.key.startswith("guide:"):
                 costs.add((term.stack, term.value))
         return costs
+
+    def _pass_errors(self, seen: list):
+        """:func:`~pyro_arm.batching.batched_pass_errors` for a pass of this particle."""
+        return batched_pass_errors(seen if self.context.vectorized else None)
 
 
 def _has_new_latent_site(flip: BranchMessenger) -> bool:
