@@ -5,8 +5,8 @@ Gradient estimators for the logits of independent Bernoulli variables, as pure t
 Every estimator here returns, per component, an unbiased estimate of
 :math:`\\partial_\\phi \\mathbb{E}_{z \\sim \\mathrm{Bernoulli}(\\sigma(\\phi))}[f(z)]`
 from one uniform draw :math:`u \\sim U(0, 1)` and the evaluations of :math:`f` at the sample
-:math:`z_2 = 1[u < \\sigma(\\phi)]` and, for antithetic estimators, at its antithetic twin
-:math:`z_1 = 1[u > \\sigma(-\\phi)]` (the sample made from :math:`1 - u`):
+:math:`z_2` and, for antithetic estimators, at its antithetic twin :math:`z_1`, the pair that
+:func:`bernoulli_pair` makes from :math:`u` (where the pair is defined):
 
 - ARM (Yin & Zhou, 2019): :math:`(f(z_1) - f(z_2)) (u - \\tfrac12)`;
 - DisARM (Dong, Mnih & Tucker, 2020), ARM with :math:`u` integrated out given the pair:

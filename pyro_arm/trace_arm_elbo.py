@@ -24,8 +24,9 @@ class TraceARM_ELBO(ELBO):
 
     For a guide site :math:`z \sim \mathrm{Bernoulli}(\sigma(\phi))` with independent
     components, a uniform :math:`u \sim U(0, 1)` of :math:`z`'s shape gives the sample
-    :math:`z_2 = 1[u < \sigma(\phi)]` and its antithetic twin :math:`z_1 = 1[u > \sigma(-\phi)]`,
-    and with :math:`f = \log p(x, z) - \log q(z \mid x)`
+    :math:`z_2` and its antithetic twin :math:`z_1` (the pair of
+    :func:`~pyro_arm.estimators.bernoulli_pair`, where it is defined), and with
+    :math:`f = \log p(x, z) - \log q(z \mid x)`
 
     .. math::
 
