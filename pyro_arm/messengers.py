@@ -184,7 +184,8 @@ class BatchedBranchMessenger(Messenger):
             fresh = msg["fn"](*msg["args"], **msg["kwargs"])
             msg["value"] = torch.where(before, base_value, fresh)
         else:
-            later = common_random_sample(msg, arm)
+            # resampled in the branches that flip an earlier site; none at the first flip
+            later = common_random_sample(msg, arm) if position > min(self.flips) else arm.z2
             msg["value"] = torch.where(
                 before, arm.z2, torch.where(flips == position, arm.z1, later)
             )
