@@ -49,10 +49,7 @@ def bernoulli_pair(u: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
     :param logits: logits broadcastable to ``u``, in the dtype of ``u`` (see :func:`working_dtype`).
     :returns: ``(z1, z2)`` in ``logits.dtype``, of the broadcast shape of ``u`` and ``logits``.
     """
-    return _pair(u, torch.sigmoid(logits))
-
-
-def _pair(u: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+    probs = torch.sigmoid(logits)
     z1 = (1 - u < probs).to(probs.dtype)
     z2 = (u < probs).to(probs.dtype)
     return z1, z2
@@ -64,13 +61,9 @@ def arm(f1: Tensor, f2: Tensor, u: Tensor, logits: Tensor) -> Tensor:
 
 
 def disarm(f1: Tensor, f2: Tensor, u: Tensor, logits: Tensor) -> Tensor:
-    """
-    DisARM: ``1/2 (f(z1) - f(z2)) (1 - 2 z2) 1[z1 != z2] sigmoid(|logits|)``, from one sigmoid:
-    ``sigmoid(|logits|) = max(p, 1 - p)`` with ``p = sigmoid(logits)``.
-    """
-    probs = torch.sigmoid(logits)
-    z1, z2 = _pair(u, probs)
-    weight = 0.5 * (1 - 2 * z2) * (z1 != z2).to(z2.dtype) * torch.maximum(probs, 1 - probs)
+    """DisARM: ``1/2 (f(z1) - f(z2)) (1 - 2 z2) 1[z1 != z2] sigmoid(|logits|)``."""
+    z1, z2 = bernoulli_pair(u, logits)
+    weight = 0.5 * (1 - 2 * z2) * (z1 != z2).to(z2.dtype) * torch.sigmoid(logits.abs())
     return (f1 - f2) * weight
 
 
