@@ -5,8 +5,8 @@ Gradient estimators for the logits of independent Bernoulli variables, as pure t
 Every estimator here returns, per component, an unbiased estimate of
 :math:`\\partial_\\phi \\mathbb{E}_{z \\sim \\mathrm{Bernoulli}(\\sigma(\\phi))}[f(z)]`
 from one uniform draw :math:`u \\sim U(0, 1)` and the evaluations of :math:`f` at the sample
-:math:`z_2 = 1[u < \\sigma(\\phi)]` and, for antithetic estimators, at its antithetic twin
-:math:`z_1 = 1[u > \\sigma(-\\phi)]` (the sample made from :math:`1 - u`):
+:math:`z_2` and, for antithetic estimators, at its antithetic twin :math:`z_1`, the pair that
+:func:`bernoulli_pair` makes from :math:`u` (where the pair is defined):
 
 - ARM (Yin & Zhou, 2019): :math:`(f(z_1) - f(z_2)) (u - \\tfrac12)`;
 - DisARM (Dong, Mnih & Tucker, 2020), ARM with :math:`u` integrated out given the pair:
@@ -15,7 +15,8 @@ from one uniform draw :math:`u \\sim U(0, 1)` and the evaluations of :math:`f` a
 
 The functions know nothing about Pyro: ``f1`` and ``f2`` are the signals (already broadcast to the
 shape of ``u``), so each estimator can be checked alone against an exact gradient. New estimators
-slot in by adding an :class:`Estimator` to :data:`ESTIMATORS`.
+slot in by adding an :class:`Estimator` to :data:`ESTIMATORS`. :class:`~pyro_arm.TraceARM_ELBO`
+calls them with ``u``, ``logits`` and the signals in :func:`working_dtype` (at least float32).
 """
 
 from __future__ import annotations
@@ -26,19 +27,31 @@ import torch
 from torch import Tensor
 
 
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """
+    The dtype the uniforms, the pair and the estimator weights are computed in: at least float32
+    (half-precision logits, as ``torch.autocast`` makes them, would round the uniforms and the
+    probabilities), float64 for float64 logits.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def bernoulli_pair(u: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
     """
-    The antithetic pair made from one uniform draw.
+    The antithetic pair made from one uniform draw. This is the one definition of the pair that
+    the rest of the package refers to:
+
+    - ``z2 = 1[u < sigmoid(logits)]``, the ordinary sample (the base run's value);
+    - ``z1 = 1[u > sigmoid(-logits)]``, its antithetic twin (the sample made from ``1 - u``),
+      computed as ``1[1 - u < sigmoid(logits)]``.
 
     :param u: uniforms in (0, 1), of the sample's shape.
-    :param logits: logits broadcastable to ``u``.
-    :returns: ``(z1, z2)`` with ``z1 = 1[u > sigmoid(-logits)]`` (the antithetic twin, computed
-        as ``1[1 - u < sigmoid(logits)]``) and ``z2 = 1[u < sigmoid(logits)]`` (the ordinary
-        sample), in ``logits.dtype``, of the broadcast shape of ``u`` and ``logits``.
+    :param logits: logits broadcastable to ``u``, in the dtype of ``u`` (see :func:`working_dtype`).
+    :returns: ``(z1, z2)`` in ``logits.dtype``, of the broadcast shape of ``u`` and ``logits``.
     """
     probs = torch.sigmoid(logits)
-    z1 = (1 - u < probs).to(logits.dtype)
-    z2 = (u < probs).to(logits.dtype)
+    z1 = (1 - u < probs).to(probs.dtype)
+    z2 = (u < probs).to(probs.dtype)
     return z1, z2
 
 

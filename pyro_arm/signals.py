@@ -16,45 +16,19 @@ site that depends on the site, and sums over the others. Dependencies come from 
 (:mod:`pyro_arm.dependencies`); without them every later site is assumed to depend on the site,
 which never adds bias, only variance.
 
-Score-function sites are Rao-Blackwellized as in ``TraceGraph_ELBO``: :func:`cost_terms` with
-``keep`` gives only the cost terms whose provenance names the site.
+The cost terms themselves come from :mod:`pyro_arm.costs`. Score-function sites are
+Rao-Blackwellized as in ``TraceGraph_ELBO``: their signals hold only the cost terms whose
+provenance names the site.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 from pyro.infer.util import MultiFrameTensor
 from pyro.poutine import Trace
 from pyro.poutine.indep_messenger import CondIndepStackFrame
-
-
-def cost_terms(
-    model_trace: Trace,
-    guide_trace: Trace,
-    guide_log_probs: Optional[dict] = None,
-    keep: Optional[Callable[[str], bool]] = None,
-) -> MultiFrameTensor:
-    """
-    The detached cost terms of one run: every model site's ``log_prob`` and every guide site's
-    ``-log_prob`` (both scaled and masked), keyed by their plates.
-
-    :param guide_log_probs: scaled, masked log-densities that replace those of some guide sites.
-    :param keep: keeps only the terms whose key (``"model:name"`` or ``"guide:name"``) it
-        accepts; all terms when ``None``.
-    """
-    costs = MultiFrameTensor()
-    for name, site in model_trace.nodes.items():
-        if site["type"] == "sample" and (keep is None or keep(f"model:{name}")):
-            costs.add((site["cond_indep_stack"], site["log_prob"].detach()))
-    for name, site in guide_trace.nodes.items():
-        if site["type"] == "sample" and (keep is None or keep(f"guide:{name}")):
-            log_prob = site["log_prob"]
-            if guide_log_probs and name in guide_log_probs:
-                log_prob = guide_log_probs[name]
-            costs.add((site["cond_indep_stack"], -log_prob.detach()))
-    return costs
 
 
 def signal_frames(

@@ -15,29 +15,57 @@ from typing import Optional
 
 import torch
 from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
-from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import Bernoulli, Distribution, Independent
+
+from pyro_arm.estimators import working_dtype
 
 _WRAPPERS = (Independent, MaskedDistribution, ExpandedDistribution)
 
 
+def _innermost(fn: Distribution) -> Distribution:
+    while isinstance(fn, _WRAPPERS):
+        fn = fn.base_dist
+    return fn
+
+
+def is_bernoulli(fn: Distribution) -> bool:
+    """Whether ``fn`` is a Bernoulli under any of ``.expand``, ``.to_event``, ``.mask``."""
+    return isinstance(_innermost(fn), Bernoulli)
+
+
 def bernoulli_logits(fn: Distribution) -> Optional[torch.Tensor]:
     """
-    The logits of a (possibly wrapped) Bernoulli distribution, or ``None`` for any other one.
+    The logits of a (possibly wrapped) Bernoulli distribution, or ``None`` for any other one:
+    the tensor the ARM gradient is taken for (for a site written with ``probs=``, torch's logits
+    of the probs, through which the gradient flows on to the probs).
 
     The logits are those of the innermost Bernoulli; they broadcast, right-aligned, to
     ``fn.shape()``, because every wrapper keeps batch and event dims right-aligned.
     """
-    while isinstance(fn, _WRAPPERS):
-        fn = fn.base_dist
-    if isinstance(fn, Bernoulli):
-        return fn.logits
-    return None
+    fn = _innermost(fn)
+    return fn.logits if isinstance(fn, Bernoulli) else None
+
+
+def estimator_logits(fn: Distribution) -> torch.Tensor:
+    """
+    The logits of a wrapped Bernoulli as the sampler and the estimators use them: detached, in
+    :func:`~pyro_arm.estimators.working_dtype` (at least float32). A site written with
+    ``probs=`` gets the exact ``logit(probs)`` (``-inf`` and ``+inf`` at 0 and 1), not torch's
+    logits, which clamp the probs to the dtype's epsilon (about 1% in bfloat16). Call it before
+    anything reads ``fn.logits``: that is how a site written with ``probs=`` is recognised.
+    """
+    fn = _innermost(fn)
+    if "logits" not in fn.__dict__:  # written with probs=, its logits not computed yet
+        probs = fn.probs.detach()
+        return torch.logit(probs.to(working_dtype(probs.dtype)))
+    logits = fn.logits.detach()
+    return logits.to(working_dtype(logits.dtype))
 
 
 def is_subsample_site(msg: dict) -> bool:
     """Whether a sample message is the subsample draw of a :class:`pyro.plate`."""
-    return isinstance(msg["fn"], _Subsample)
+    return site_is_subsample(msg)
 
 
 def is_arm_site(msg: dict) -> bool:
@@ -55,10 +83,10 @@ def is_arm_site(msg: dict) -> bool:
         raise ValueError(
             f"At site '{msg['name']}': infer['arm'] must be True or False, got {opt_in!r}"
         )
-    is_bernoulli = bernoulli_logits(msg["fn"]) is not None
-    if opt_in and not is_bernoulli:
+    bernoulli = is_bernoulli(msg["fn"])
+    if opt_in and not bernoulli:
         raise ValueError(
             f"At site '{msg['name']}': infer={{'arm': True}} asks for ARM, but the site's "
             f"distribution is {type(msg['fn']).__name__}; ARM applies to Bernoulli sites only"
         )
-    return is_bernoulli and opt_in is not False
+    return bernoulli and opt_in is not False

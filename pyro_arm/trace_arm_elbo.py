@@ -1,181 +1,20 @@
 # SPDX-License-Identifier: Apache-2.0
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Optional
+import numbers
+from typing import Any
 
-import pyro
-import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.elbo import ELBO
 from pyro.infer.enum import get_importance_trace
-from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_item
-from pyro.poutine import Trace
-from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_if_enumerated, warn_if_nan
+from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.util import check_if_enumerated, warn_if_inf, warn_if_nan
 
 from pyro_arm.baselines import baseline_options, leave_one_out, site_baseline
-from pyro_arm.dependencies import Dependencies, needs_dependencies, trace_dependencies
-from pyro_arm.estimators import Estimator, get_estimator
-from pyro_arm.messengers import BaseSampleMessenger, BranchMessenger
-from pyro_arm.signals import (
-    append_event_dims,
-    cost_terms,
-    local_signal,
-    select_branch,
-    signal_frames,
-)
-
-_BRANCH_PLATE = "_arm_branches"
-
-
-class _Run:
-    """
-    A base run of model and guide (of all particles, when vectorized) and its ARM samples,
-    which computes its ELBO and a surrogate whose gradient is the gradient estimate.
-    """
-
-    def __init__(self, model, guide, model_trace: Trace, guide_trace: Trace, sampler):
-        self.model, self.guide = model, guide
-        self.model_trace, self.guide_trace = model_trace, guide_trace
-        self.sampler: BaseSampleMessenger = sampler
-        self.arm_sites = sampler.arm_sites
-        self.dependencies: Optional[Dependencies] = None
-        # the last sample site of the guide, factors included
-        self.last_site = next(
-            (n for n, s in reversed(guide_trace.nodes.items()) if s["type"] == "sample"), None
-        )
-
-    def elbo(self) -> torch.Tensor:
-        elbo = self.model_trace.log_prob_sum() - self.guide_trace.log_prob_sum()
-        return torch.as_tensor(elbo)
-
-    def track_dependencies(self, args, kwargs) -> None:
-        """Traces the run's dependencies, for runs whose signals need them."""
-        if needs_dependencies(self.guide_trace, self.arm_sites):
-            self.dependencies = trace_dependencies(
-                self.model, self.guide, self.sampler.values, args, kwargs
-            )
-
-    def score_sites(self) -> list[str]:
-        """The guide's score-function sites: sampled, not ARM, not reparameterized."""
-        return [
-            name
-            for name, site in self.guide_trace.nodes.items()
-            if site["type"] == "sample"
-            and not site["is_observed"]
-            and name not in self.arm_sites
-            and not is_identically_zero(site["score_parts"].score_function)
-        ]
-
-    def frames(self, name: str) -> frozenset:
-        deps = self.dependencies
-        depends_on = None if deps is None or name in deps.control else deps.guide
-        return signal_frames(self.guide_trace, name, depends_on)
-
-    def score_signals(self) -> dict:
-        """
-        The signal of each score-function site: the cost terms that depend on it, summed down to
-        its plate-local frames.
-        """
-        signals = {}
-        deps = None if self.dependencies is None else self.dependencies.costs
-        control = frozenset() if self.dependencies is None else self.dependencies.control
-        for name in self.score_sites():
-            if deps is None or name in control:  # every cost term
-                keep = None
-            else:
-                keep = lambda key, name=name: name in deps[key]  # noqa: E731
-            costs = cost_terms(self.model_trace, self.guide_trace, keep=keep)
-            signals[name] = torch.as_tensor(costs.sum_to(self.frames(name)))
-        return signals
-
-    def surrogate_elbo(
-        self, estimator: Estimator, branch_dim: Optional[int], args, kwargs, score_signals: dict
-    ):
-        """
-        :param branch_dim: the dim of a plate over branches, to run all branches as one
-            batched pass, or ``None`` to run them one by one.
-        :param score_signals: the signal, baseline subtracted, of each score-function site.
-        """
-        surrogate = 0.0
-        for site in self.model_trace.nodes.values():
-            if site["type"] == "sample":
-                surrogate = surrogate + site["log_prob_sum"]
-        for name, site in self.guide_trace.nodes.items():
-            if site["type"] != "sample" or name in self.arm_sites:
-                continue
-            if site["is_observed"]:  # a factor: its log-density, pathwise
-                surrogate = surrogate - site["log_prob_sum"]
-                continue
-            _, score_function, entropy_term = site["score_parts"]
-            if not is_identically_zero(entropy_term):
-                surrogate = surrogate - entropy_term.sum()
-            if name in score_signals:
-                surrogate = surrogate + (score_function * score_signals[name].detach()).sum()
-        if not self.arm_sites:
-            return surrogate
-        costs = cost_terms(self.model_trace, self.guide_trace)
-        frames = {name: self.frames(name) for name in self.arm_sites}
-        branch_signals = {}
-        if estimator.antithetic:
-            branch_signals = self.branch_signals(frames, branch_dim, args, kwargs)
-        for name, arm in self.arm_sites.items():
-            base_signal = local_signal(costs, frames[name], arm.event_dim)
-            grad = estimator.logits_grad(branch_signals.get(name), base_signal, arm.u, arm.logits)
-            surrogate = surrogate + (grad.detach() * arm.logits).sum()
-        return surrogate
-
-    def branch_signals(self, frames: dict, branch_dim: Optional[int], args, kwargs) -> dict:
-        """The signal of each ARM site in the branch that flips it, event dims appended."""
-        names = list(self.arm_sites)
-        if branch_dim is None or len(names) == 1:
-            return {
-                name: local_signal(
-                    self.branch_costs(name, args, kwargs), frames[name], arm.event_dim
-                )
-                for name, arm in self.arm_sites.items()
-            }
-        branches = pyro.plate(_BRANCH_PLATE, len(names), dim=branch_dim)
-        flips = BranchMessenger(self.sampler, names, branch_dim)
-        with _batched_pass_errors(flips.seen):
-            costs = _run_costs(branches(self.model), flips(branches(self.guide)), args, kwargs)
-        missing = [name for name in self.sampler.order if name not in flips.seen]
-        if missing:
-            raise NotImplementedError(
-                f"Site '{missing[0]}' of the base run did not appear in an antithetic branch: "
-                "the guide's structure depends on sampled values, which a vectorized pass "
-                "cannot follow; use vectorize_particles=False"
-            )
-        branch_frame = next(f for key in costs for f in key if f.name == _BRANCH_PLATE)
-        signals = {}
-        for index, (name, arm) in enumerate(self.arm_sites.items()):
-            signal = costs.sum_to(frames[name] | {branch_frame})
-            signals[name] = append_event_dims(
-                select_branch(signal, index, -branch_dim), arm.event_dim
-            )
-        return signals
-
-    def branch_costs(self, name: str, args, kwargs) -> MultiFrameTensor:
-        """The costs of the branch that flips ARM site ``name``."""
-        flip = BranchMessenger(self.sampler, [name])
-        if name != self.last_site:
-            return _run_costs(self.model, flip(self.guide), args, kwargs)
-        # Nothing (no sample, no factor) follows the last site: only its own log q and the
-        # model change, unless the flip makes the model sample a site the base run lacks;
-        # then the guide would sample it too, and the branch runs guide and model.
-        with torch.no_grad(), pyro.validation_enabled(False):
-            model_trace = poutine.trace(flip(self.model)).get_trace(*args, **kwargs)
-            model_trace = prune_subsample_sites(model_trace)
-            if _has_new_latent_site(model_trace, self.sampler.values):
-                flip = BranchMessenger(self.sampler, [name])
-                return _run_costs(self.model, flip(self.guide), args, kwargs)
-            model_trace.compute_log_prob()
-            site = self.guide_trace.nodes[name]
-            log_q = site["fn"].log_prob(self.arm_sites[name].z1)
-            log_q = scale_and_mask(log_q, site["scale"], site["mask"])
-        return cost_terms(model_trace, self.guide_trace, {name: log_q})
+from pyro_arm.batching import batched_pass_errors
+from pyro_arm.estimators import get_estimator
+from pyro_arm.messengers import BaseSampleMessenger
+from pyro_arm.particle import Particle, ParticleContext
 
 
 class TraceARM_ELBO(ELBO):
@@ -185,8 +24,9 @@ class TraceARM_ELBO(ELBO):
 
     For a guide site :math:`z \sim \mathrm{Bernoulli}(\sigma(\phi))` with independent
     components, a uniform :math:`u \sim U(0, 1)` of :math:`z`'s shape gives the sample
-    :math:`z_2 = 1[u < \sigma(\phi)]` and its antithetic twin :math:`z_1 = 1[u > \sigma(-\phi)]`,
-    and with :math:`f = \log p(x, z) - \log q(z \mid x)`
+    :math:`z_2` and its antithetic twin :math:`z_1` (the pair of
+    :func:`~pyro_arm.estimators.bernoulli_pair`, where it is defined), and with
+    :math:`f = \log p(x, z) - \log q(z \mid x)`
 
     .. math::
 
@@ -228,7 +68,20 @@ class TraceARM_ELBO(ELBO):
     values, reparameterized sites are pathwise, and observed guide sites (``pyro.factor``) enter
     the cost and their own pathwise gradient.
 
-    :param int num_particles: number of particles (samples) averaged in the estimate.
+    **Low precision.** With half-precision logits (``bfloat16``, ``float16``, as
+    ``torch.autocast`` makes them) the uniforms are drawn and compared, and the estimator weights
+    computed, in float32 (:func:`~pyro_arm.estimators.working_dtype`); a site written with
+    ``probs=`` is sampled from its probs, so that probs of 0 and 1 give 0 and 1 exactly. The
+    samples keep the site's dtype, the cost terms and the ELBO are summed in float32, and the
+    gradients come back in the parameters' dtype. The log-densities themselves are those the
+    distributions compute (in their own dtype).
+
+    **Non-finite values.** With Pyro's validation on (the default), a signal or the surrogate
+    loss that is NaN or infinite raises Pyro's ``warn_if_nan`` / ``warn_if_inf`` warning, naming
+    the site (one read of the device per step; off with validation, like Pyro's other checks).
+
+    :param int num_particles: number of particles (samples) averaged in the estimate; a
+        positive integer, else :class:`ValueError`.
     :param int max_plate_nesting: bound on nested :class:`pyro.plate` contexts; guessed by running
         model and guide once when vectorizing and left unset.
     :param bool vectorize_particles: run particles and antithetic branches as batched passes;
@@ -255,6 +108,8 @@ class TraceARM_ELBO(ELBO):
         estimator: str = "arm",
         **kwargs: Any,
     ) -> None:
+        if not isinstance(num_particles, numbers.Integral) or num_particles < 1:
+            raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
         self.estimator = get_estimator(estimator)
         super().__init__(
             num_particles=num_particles,
@@ -269,16 +124,43 @@ class TraceARM_ELBO(ELBO):
         with _fork_rng():
             super()._guess_max_plate_nesting(model, guide, args, kwargs)
 
-    def _get_trace(self, model, guide, args, kwargs) -> _Run:
-        sampler = BaseSampleMessenger()
-        batched = self.vectorize_particles and self.num_particles > 1
-        with _batched_pass_errors(sampler.order if batched else None):
-            model_trace, guide_trace = get_importance_trace(
-                "flat", self.max_plate_nesting, model, sampler(guide), args, kwargs
-            )
+    def _get_trace(self, model, guide, args, kwargs):
+        """
+        Returns a single trace from the guide, and the model that is run against it, as
+        :class:`~pyro.infer.trace_elbo.Trace_ELBO` does; :meth:`_particles` hands it a guide
+        whose ARM sites a :class:`~pyro_arm.messengers.BaseSampleMessenger` samples.
+        """
+        model_trace, guide_trace = get_importance_trace(
+            "flat", self.max_plate_nesting, model, guide, args, kwargs
+        )
         if is_validation_enabled():
             check_if_enumerated(guide_trace)
-        return _Run(model, guide, model_trace, guide_trace, sampler)
+        return model_trace, guide_trace
+
+    def _context(self, model, guide, args, kwargs) -> ParticleContext:
+        """What the particles of one call share; decides once whether passes are batched."""
+        branch_dim = None
+        if self.vectorize_particles:
+            if self.max_plate_nesting == float("inf"):
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+            model = self._vectorized_num_particles(model)
+            guide = self._vectorized_num_particles(guide)
+            # left of every plate of the model, the particles' plate (-max_plate_nesting) included
+            branch_dim = -self.max_plate_nesting - 1
+        return ParticleContext(model, guide, args, kwargs, self.estimator, branch_dim)
+
+    def _particles(self, model, guide, args, kwargs) -> list[Particle]:
+        """The base runs of one call: one particle each, or all particles as one when
+        vectorized."""
+        context = self._context(model, guide, args, kwargs)
+        particles = []
+        for _ in range(1 if context.vectorized else self.num_particles):
+            sampler = BaseSampleMessenger()
+            # the sampler wraps the guide outside every plate, the particles' included
+            with batched_pass_errors(sampler.order if context.vectorized else None):
+                traces = self._get_trace(context.model, sampler(context.guide), args, kwargs)
+            particles.append(Particle(context, *traces, sampler))
+        return particles
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """
@@ -287,7 +169,7 @@ class TraceARM_ELBO(ELBO):
         :rtype: float
         """
         with torch.no_grad():
-            elbo = sum(run.elbo() for run in self._get_traces(model, guide, args, kwargs))
+            elbo = sum(particle.elbo() for particle in self._particles(model, guide, args, kwargs))
         loss = -torch_item(elbo) / self.num_particles
         warn_if_nan(loss, "loss")
         return loss
@@ -319,51 +201,51 @@ class TraceARM_ELBO(ELBO):
     def _loss_and_surrogate(self, model, guide, args, kwargs):
         # All base runs come first, so that the random numbers behind the reported loss are
         # drawn exactly as in `loss`.
-        runs = list(self._get_traces(model, guide, args, kwargs))
-        for run in runs:
-            run.track_dependencies(args, kwargs)
-        score_signals, baseline_loss = self._score_signals(runs)
-        branch_dim = -self.max_plate_nesting - 1 if self.vectorize_particles else None
+        particles = self._particles(model, guide, args, kwargs)
+        for particle in particles:
+            particle.track_dependencies()
+        score_signals, baseline_loss = self._score_signals(particles)
         elbo = surrogate_elbo = 0.0
-        for run, signals in zip(runs, score_signals):
-            elbo = elbo + run.elbo().detach()
-            surrogate_elbo = surrogate_elbo + run.surrogate_elbo(
-                self.estimator, branch_dim, args, kwargs, signals
-            )
+        for particle, signals in zip(particles, score_signals):
+            elbo = elbo + particle.elbo()
+            surrogate_elbo = surrogate_elbo + particle.surrogate_elbo(signals)
         trainable = any(
             site["type"] == "param"
-            for run in runs
-            for trace in (run.model_trace, run.guide_trace)
+            for particle in particles
+            for trace in (particle.model_trace, particle.guide_trace)
             for site in trace.nodes.values()
         )
         loss = -torch.as_tensor(elbo) / self.num_particles
         surrogate_loss = (baseline_loss - torch.as_tensor(surrogate_elbo)) / self.num_particles
+        if is_validation_enabled():
+            checks = [check for particle in particles for check in particle.signals]
+            _warn_if_not_finite(checks + [("surrogate loss", surrogate_loss.detach())])
         return loss, surrogate_loss, trainable
 
-    def _score_signals(self, runs: list) -> tuple[list, Any]:
+    def _score_signals(self, particles: list[Particle]) -> tuple[list, Any]:
         """
-        The signal of every score-function site of every run, less its baseline (see
+        The signal of every score-function site of every particle, less its baseline (see
         :mod:`pyro_arm.baselines`), and the loss that trains the learned baselines.
         """
-        signals = [run.score_signals() for run in runs]
-        baselines = [{} for _ in runs]
+        signals = [particle.score_signals() for particle in particles]
+        baselines = [{} for _ in particles]
         baseline_loss = 0.0
-        for i, run in enumerate(runs):
+        for i, particle in enumerate(particles):
             for name, signal in signals[i].items():
-                options = baseline_options(run.guide_trace.nodes[name])
+                site = particle.guide_trace.nodes[name]
+                options = baseline_options(site)
                 if options.any:
-                    site = run.guide_trace.nodes[name]
                     baselines[i][name], loss = site_baseline(name, site, signal, options)
                     baseline_loss = baseline_loss + loss
         if self.num_particles > 1:
-            self._leave_one_out(signals, baselines, runs)
+            self._leave_one_out(signals, baselines)
         centred = [
             {name: signal - baselines[i].get(name, 0.0) for name, signal in signals[i].items()}
-            for i in range(len(runs))
+            for i in range(len(particles))
         ]
         return centred, baseline_loss
 
-    def _leave_one_out(self, signals: list, baselines: list, runs: list) -> None:
+    def _leave_one_out(self, signals: list, baselines: list) -> None:
         """Leave-one-out baselines across particles for the sites without their own."""
         if self.vectorize_particles:
             dim = -self.max_plate_nesting  # the particles plate (see ELBO)
@@ -388,69 +270,22 @@ class TraceARM_ELBO(ELBO):
                 baselines[i][name] = baseline
 
 
-#: Messages of the errors that torch raises when code converts a batched tensor to a Python
-#: number or bool: the signature of value-dependent control flow.
-_CONTROL_FLOW_ERRORS = (
-    "cannot be converted to Scalar",
-    "Boolean value of Tensor with more than one value is ambiguous",
-    "only one element tensors can be converted to Python scalars",
-)
-
-
-def is_control_flow_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is what torch raises when code reads a batched tensor as one number."""
-    return isinstance(exc, (RuntimeError, ValueError)) and any(
-        message in str(exc) for message in _CONTROL_FLOW_ERRORS
-    )
-
-
-@contextmanager
-def _batched_pass_errors(seen: Optional[list]):
+def _warn_if_not_finite(values: list[tuple[str, torch.Tensor]]) -> None:
     """
-    Turns an error of value-dependent control flow that user code raises inside a batched pass
-    into a clear error naming the last site of ``seen``; inactive when ``seen`` is None. Any
-    other error (out of memory, a shape bug) keeps its type and message, with a note added.
+    Pyro's NaN and inf warnings (:func:`~pyro.util.warn_if_nan`, :func:`~pyro.util.warn_if_inf`)
+    for each value that is not finite, naming it; one read of the device for all of them.
     """
-    try:
-        yield
-    except (RuntimeError, ValueError) as exc:
-        if seen is None:
-            raise
-        where = f"after site '{seen[-1]}'" if seen else "before the first site"
-        if not is_control_flow_error(exc):
-            exc.add_note(f"(raised {where} in a batched pass of particles or antithetic branches)")
-            raise
-        raise NotImplementedError(
-            f"Model or guide failed {where} in a batched pass of particles or antithetic "
-            f"branches: {exc}. Code that converts a sampled value to a Python number or "
-            "branches on it (.item(), `if z:`) cannot run vectorized; "
-            "use vectorize_particles=False"
-        ) from exc
-
-
-def _has_new_latent_site(model_trace: Trace, values: dict) -> bool:
-    """Whether the model sampled a latent site that the base run of the guide lacks."""
-    return any(
-        site["type"] == "sample" and not site["is_observed"] and name not in values
-        for name, site in model_trace.nodes.items()
-    )
+    values = [(what, value) for what, value in values if torch.is_tensor(value)]
+    if not values:
+        return
+    finite = torch.stack([torch.isfinite(value).all() for _, value in values]).tolist()
+    for (what, value), ok in zip(values, finite):
+        if not ok:
+            warn_if_nan(value, what)
+            warn_if_inf(value, what)
 
 
 def _fork_rng():
     """Forks the random number generators of the CPU and of any initialised CUDA device."""
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     return torch.random.fork_rng(devices=devices)
-
-
-def _run_costs(model, guide, args, kwargs) -> MultiFrameTensor:
-    """Runs guide and model once, without gradient or validation, and returns the costs."""
-    with torch.no_grad(), pyro.validation_enabled(False):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-        guide_trace = prune_subsample_sites(guide_trace)
-        model_trace = prune_subsample_sites(model_trace)
-        model_trace.compute_log_prob()
-        guide_trace.compute_log_prob()
-        return cost_terms(model_trace, guide_trace)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pyro_arm import TraceARM_ELBO
-from pyro_arm.trace_arm_elbo import is_control_flow_error
+from pyro_arm.batching import is_control_flow_error
 
 
 def model_with(fail):

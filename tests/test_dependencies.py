@@ -8,7 +8,7 @@ ignores them, and coarsens them (unbiased, where Pyro's ELBOs are not) when it r
 import pyro
 import pytest
 
-from pyro_arm import TraceARM_ELBO, trace_arm_elbo
+from pyro_arm import TraceARM_ELBO, particle
 from pyro_arm.dependencies import Dependencies, needs_dependencies, trace_dependencies
 from pyro_arm.messengers import BaseSampleMessenger
 from pyro_arm.signals import signal_frames
@@ -107,7 +107,7 @@ def ignore_dependencies(model, guide, values, args, kwargs) -> Dependencies:
 
 
 def test_checker_rejects_per_element_signals_when_global_reads_locals(monkeypatch):
-    monkeypatch.setattr(trace_arm_elbo, "trace_dependencies", ignore_dependencies)
+    monkeypatch.setattr(particle, "trace_dependencies", ignore_dependencies)
     model, guide, args = tiny_models.global_after_locals_reading_them()
     elbo = TraceARM_ELBO(num_particles=1000, vectorize_particles=True)
     with pytest.raises(AssertionError, match=r"biased components \[.*'b\["):
@@ -123,7 +123,7 @@ def test_no_dependency_pass_without_need(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("dependency pass ran")
 
-    monkeypatch.setattr(trace_arm_elbo, "trace_dependencies", fail)
+    monkeypatch.setattr(particle, "trace_dependencies", fail)
     model, guide, args = tiny_models.two_layer()
     for vectorize in (False, True):
         TraceARM_ELBO(num_particles=2, vectorize_particles=vectorize).loss_and_grads(
@@ -152,7 +152,7 @@ def test_checker_rejects_provenance_only_signal_under_control_flow(monkeypatch):
     def without_control(*args, **kwargs):
         return trace_dependencies(*args, **kwargs)._replace(control=frozenset())
 
-    monkeypatch.setattr(trace_arm_elbo, "trace_dependencies", without_control)
+    monkeypatch.setattr(particle, "trace_dependencies", without_control)
     model, guide, args = tiny_models.categorical_switch()
     with pytest.raises(AssertionError, match=r"biased components \[.*'cl\["):
         assert_unbiased(TraceARM_ELBO(num_particles=1), model, guide, args, num_samples=2000)

@@ -4,6 +4,7 @@ Errors and warnings: TraceARM_ELBO raises and warns like pyro's Trace_ELBO on in
 (same exception type, same message fragment), and rejects bad configuration with clear errors.
 """
 
+import math
 import warnings
 
 import pyro
@@ -12,7 +13,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
-from pyro_arm import TraceARM_ELBO
+from pyro_arm import TraceARM_ELBO, trace_arm_elbo
 
 DATA = torch.tensor([1.0, 0.0])
 
@@ -235,3 +236,70 @@ def test_valid_model_is_silent(mode):
     for elbo in [Trace_ELBO(**mode), TraceARM_ELBO(**mode)]:
         exc, warns = outcome(elbo, "loss_and_grads", base_model, base_guide, DATA)
         assert exc is None and warns == [], (exc, warns)
+
+
+@pytest.mark.parametrize("num_particles", [0, -1, 1.5, "2"])
+def test_num_particles_must_be_positive(num_particles):
+    with pytest.raises(ValueError, match="num_particles"):
+        TraceARM_ELBO(num_particles=num_particles)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite signals: finite loss, infinite gradient
+# ---------------------------------------------------------------------------------------------
+
+
+def inf_when_one_model():
+    z = pyro.sample("z_inf", dist.Bernoulli(logits=torch.tensor(0.0)))
+    pyro.factor("forbidden", torch.where(z == 1, -math.inf, 0.0))
+
+
+def inf_when_one_guide():
+    phi = pyro.param("phi", torch.tensor(0.0))
+    pyro.sample("z_inf", dist.Bernoulli(logits=phi))
+
+
+@pytest.mark.parametrize("mode", MODES[:1] + [dict(num_particles=3, vectorize_particles=True)])
+@pytest.mark.parametrize("estimator", ["arm", "disarm"])
+def test_infinite_signal_warns_naming_the_site(estimator, mode):
+    """Guide logit 0, a model factor of -inf when z = 1: whenever the base sample is z = 0 the
+    loss is finite and the gradient infinite; the step warns as Pyro does, naming the site."""
+    check_infinite_signal_warnings(TraceARM_ELBO(estimator=estimator, **mode))
+
+
+def check_infinite_signal_warnings(elbo):
+    finite_losses = infinite_grads = 0
+    for seed in range(10):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = elbo.loss_and_grads(inf_when_one_model, inf_when_one_guide)
+        grad = pyro.param("phi").unconstrained().grad
+        messages = [str(w.message) for w in caught]
+        if math.isfinite(loss):
+            finite_losses += 1
+        if not bool(torch.isfinite(grad).all()):
+            infinite_grads += 1
+            assert any("inf" in m and "'z_inf'" in m for m in messages), messages
+    assert finite_losses > 0 and infinite_grads > 0, "the case never occurred"
+
+
+def test_checker_rejects_silent_infinite_signals(monkeypatch):
+    monkeypatch.setattr(trace_arm_elbo, "_warn_if_not_finite", lambda values: None)
+    with pytest.raises(AssertionError, match="z_inf|\\[\\]"):
+        check_infinite_signal_warnings(TraceARM_ELBO())
+
+
+def test_finite_signals_do_not_warn():
+    """The same model with a finite factor: no warning (the check above is not always on)."""
+
+    def model():
+        z = pyro.sample("z_inf", dist.Bernoulli(logits=torch.tensor(0.0)))
+        pyro.factor("forbidden", torch.where(z == 1, -50.0, 0.0))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for seed in range(5):
+            pyro.set_rng_seed(seed)
+            TraceARM_ELBO().loss_and_grads(model, inf_when_one_guide)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
-from pyro_arm import TraceARM_ELBO, signals, trace_arm_elbo
+from pyro_arm import TraceARM_ELBO, costs, particle
 from pyro_arm.estimators import ESTIMATORS, Estimator, arm, disarm
 from tests import tiny_models
 from tests.exact import assert_unbiased, exact_elbo, exact_loss_and_grads
@@ -160,16 +160,14 @@ def test_checker_detects_branch_subsample_not_reused(monkeypatch):
     White-box power check of the subsampled case: a sequential branch that draws a fresh random
     subsample (instead of reusing the base run's) is caught by the same test configuration.
     """
-    messengers = pytest.importorskip("pyro_arm.messengers")
-    branch = getattr(messengers, "BranchMessenger", None)
-    if branch is None:
-        pytest.skip("no sequential BranchMessenger to break")
-    from pyro.poutine.subsample_messenger import _Subsample
+    from pyro.poutine.util import site_is_subsample
+
+    from pyro_arm.messengers import BranchMessenger as branch
 
     original = branch._pyro_sample
 
     def fresh_subsample(self, msg):
-        if isinstance(msg["fn"], _Subsample):
+        if site_is_subsample(msg):
             return  # let Pyro draw a new subsample
         original(self, msg)
 
@@ -195,7 +193,7 @@ def test_switch_at_last_site(estimator):
 
 def test_checker_rejects_model_only_branch_at_switch(monkeypatch):
     """The old behaviour (the model alone draws the added site from its prior) is biased."""
-    monkeypatch.setattr(trace_arm_elbo, "_has_new_latent_site", lambda *_: False)
+    monkeypatch.setattr(particle, "_has_new_latent_site", lambda *_: False)
     model, guide, args = tiny_models.switch_at_last_site()
     elbo = TraceARM_ELBO(num_particles=4)
     with pytest.raises(AssertionError, match=r"biased components \[.*'q_s'"):
@@ -216,14 +214,14 @@ def test_factor_in_guide(config, validation):
 
 def test_checker_rejects_factor_left_out_of_signals(monkeypatch):
     """A signal without the guide's factor terms (they read z) is biased."""
-    original = signals.cost_terms
+    original = costs.trace_cost_terms
 
     def without_factor(model_trace, guide_trace, *rest, **kwargs):
         guide_trace = guide_trace.copy()
         guide_trace.remove_node("f")
         return original(model_trace, guide_trace, *rest, **kwargs)
 
-    monkeypatch.setattr(trace_arm_elbo, "cost_terms", without_factor)
+    monkeypatch.setattr(particle, "trace_cost_terms", without_factor)
     model, guide, args = tiny_models.factor_in_guide()
     elbo = TraceARM_ELBO(num_particles=200, vectorize_particles=True)
     with pytest.raises(AssertionError, match=r"biased components \[.*'phi"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
-from pyro_arm import TraceARM_ELBO, trace_arm_elbo
+from pyro_arm import TraceARM_ELBO, particle
 from tests import tiny_models
 from tests.exact import draw_estimates
 
@@ -110,7 +110,7 @@ def test_independent_global_after_locals_keeps_local_variance(float64):
 def test_checker_rejects_coarse_signals_of_independent_global(float64, monkeypatch):
     """Without dependency tracking (every later site assumed to read the locals) the plate is
     summed over, and the same ratio is several times larger."""
-    monkeypatch.setattr(trace_arm_elbo, "needs_dependencies", lambda *_: False)
+    monkeypatch.setattr(particle, "needs_dependencies", lambda *_: False)
     ratio = local_variance_ratio()
     print(f"coarse signals: ratio {ratio:.3f}")
     assert ratio > 1.3 * 2
@@ -130,7 +130,7 @@ def test_categorical_beside_noisy_site_at_most_tracegraph(float64):
 
 def test_checker_rejects_categorical_with_every_cost_term(float64, monkeypatch):
     """Without Rao-Blackwellization (every cost term in the signal) the same check fails."""
-    monkeypatch.setattr(trace_arm_elbo, "needs_dependencies", lambda *_: False)
+    monkeypatch.setattr(particle, "needs_dependencies", lambda *_: False)
     var_arm = categorical_variance(TraceARM_ELBO(num_particles=10, vectorize_particles=True))
     tracegraph = TraceGraph_ELBO(num_particles=10, vectorize_particles=True, max_plate_nesting=0)
     var_tg = categorical_variance(tracegraph)

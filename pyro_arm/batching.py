@@ -1,0 +1,50 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Errors of batched passes: value-dependent control flow in user code (``.item()``, ``if z:``) fails
+inside a pass batched over particles or branches; it becomes a :class:`NotImplementedError`
+naming the site, and any other error keeps its type and message, with a note.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+#: Messages of the errors that torch raises when code converts a batched tensor to a Python
+#: number or bool: the signature of value-dependent control flow.
+_CONTROL_FLOW_ERRORS = (
+    "cannot be converted to Scalar",
+    "Boolean value of Tensor with more than one value is ambiguous",
+    "only one element tensors can be converted to Python scalars",
+)
+
+
+def is_control_flow_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is what torch raises when code reads a batched tensor as one number."""
+    return isinstance(exc, (RuntimeError, ValueError)) and any(
+        message in str(exc) for message in _CONTROL_FLOW_ERRORS
+    )
+
+
+@contextmanager
+def batched_pass_errors(seen: Optional[list]):
+    """
+    Turns an error of value-dependent control flow that user code raises inside a batched pass
+    into a clear error naming the last site of ``seen``; inactive when ``seen`` is None. Any
+    other error (out of memory, a shape bug) keeps its type and message, with a note added.
+    """
+    try:
+        yield
+    except (RuntimeError, ValueError) as exc:
+        if seen is None:
+            raise
+        where = f"after site '{seen[-1]}'" if seen else "before the first site"
+        if not is_control_flow_error(exc):
+            exc.add_note(f"(raised {where} in a batched pass of particles or antithetic branches)")
+            raise
+        raise NotImplementedError(
+            f"Model or guide failed {where} in a batched pass of particles or antithetic "
+            f"branches: {exc}. Code that converts a sampled value to a Python number or "
+            "branches on it (.item(), `if z:`) cannot run vectorized; "
+            "use vectorize_particles=False"
+        ) from exc

@@ -1,0 +1,116 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+The cost terms of a run, keyed by plates, and a lean pass that makes them without a Trace.
+
+A run's cost terms are every model site's scaled, masked log-density :math:`\\log p` and every
+guide site's :math:`-\\log q` (observed guide sites, ``pyro.factor``, included), each keyed by
+its ``cond_indep_stack`` in a :class:`~pyro.infer.util.MultiFrameTensor`, which sums them down
+to the plates a signal keeps (:mod:`pyro_arm.signals`). They are detached, in at least float32
+(:func:`~pyro_arm.estimators.working_dtype`), so that low-precision log-densities are summed
+without rounding.
+
+- :func:`trace_cost_terms` reads them from the traces of a base run, whose log-densities Pyro
+  has already computed;
+- :class:`CostMessenger` adds them as a run goes, straight from each sample message
+  (``fn.log_prob(value)`` through :func:`~pyro.distributions.util.scale_and_mask` with the
+  message's ``scale`` and ``mask``; ``Distribution.mask`` lives in ``fn``), and
+  :func:`run_costs` runs an antithetic branch's guide and model under it: no site copies, no
+  pruning of subsample sites, no second walk over the sites.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import pyro
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.util import MultiFrameTensor
+from pyro.poutine import Trace
+from pyro.poutine.messenger import Messenger
+
+from pyro_arm.estimators import working_dtype
+from pyro_arm.sites import is_subsample_site
+
+
+class CostTerm(NamedTuple):
+    """One cost term: ``key`` is ``"model:name"`` or ``"guide:name"``."""
+
+    key: str
+    stack: tuple
+    value: torch.Tensor
+
+
+def _detached(log_prob: torch.Tensor) -> torch.Tensor:
+    log_prob = log_prob.detach()
+    return log_prob.to(working_dtype(log_prob.dtype))
+
+
+def trace_cost_terms(model_trace: Trace, guide_trace: Trace) -> list[CostTerm]:
+    """The cost terms of a base run, from its traces (log-densities already computed)."""
+    terms = []
+    for prefix, sign, trace in (("model", 1.0, model_trace), ("guide", -1.0, guide_trace)):
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample":
+                value = _detached(site["log_prob"])
+                terms.append(CostTerm(f"{prefix}:{name}", site["cond_indep_stack"], sign * value))
+    return terms
+
+
+def costs_of(
+    terms: list[CostTerm], keep: Optional[Callable[[str], bool]] = None
+) -> MultiFrameTensor:
+    """The terms (those whose key ``keep`` accepts, all when ``None``) keyed by their plates."""
+    return MultiFrameTensor(*((t.stack, t.value) for t in terms if keep is None or keep(t.key)))
+
+
+class CostMessenger(Messenger):
+    """
+    Adds each sample site's scaled, masked log-density, times ``sign``, to ``costs`` as the
+    run goes; with ``values``, also records every sampled value (subsamples included).
+    """
+
+    def __init__(self, costs: MultiFrameTensor, sign: float, values: Optional[dict] = None) -> None:
+        super().__init__()
+        self.costs, self.sign, self.values = costs, sign, values
+
+    def _pyro_post_sample(self, msg) -> None:
+        if self.values is not None and not msg["is_observed"]:
+            self.values[msg["name"]] = msg["value"]
+        if is_subsample_site(msg):
+            return
+        log_prob = msg["fn"].log_prob(msg["value"], *msg["args"], **msg["kwargs"])
+        log_prob = scale_and_mask(log_prob, msg["scale"], msg["mask"])
+        self.costs.add((msg["cond_indep_stack"], self.sign * _detached(log_prob)))
+
+
+class ReplayValuesMessenger(Messenger):
+    """
+    Holds the model's latent sites at the guide's values, as :func:`pyro.poutine.replay`
+    does from a trace, from a dict of values.
+    """
+
+    def __init__(self, values: dict) -> None:
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["is_observed"] or msg["name"] not in self.values:
+            return
+        msg["value"] = self.values[msg["name"]]
+        msg["done"] = True
+
+
+def run_costs(model, guide, args, kwargs) -> MultiFrameTensor:
+    """
+    Runs guide and model once, without gradient or validation, and returns their costs: the
+    model replays the guide's values.
+    """
+    costs = MultiFrameTensor()
+    values: dict = {}
+    with torch.no_grad(), pyro.validation_enabled(False):
+        with CostMessenger(costs, -1.0, values):
+            guide(*args, **kwargs)
+        with CostMessenger(costs, 1.0), ReplayValuesMessenger(values):
+            model(*args, **kwargs)
+    return costs
