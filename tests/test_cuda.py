@@ -8,21 +8,20 @@ dry-runs the same code on the CPU; the synchronisation check needs CUDA.)
 
 import math
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import pyro
 import pytest
 import torch
 from pyro.infer import SVI
-from pyro.infer.util import torch_item
 from pyro.optim import Adam
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from pyro_arm import TraceARM_ELBO, trace_arm_elbo
-from tests import test_svi
+from pyro_arm import TraceARM_ELBO
 from tests.exact import assert_unbiased
-from tests.tiny_models import CASES
+from tests.step_checks import loss_item_allowed, warm_vectorized_step
+from tests.tiny_models import CASES, decrease, sbn, synthetic_data
 
 DEVICE = os.environ.get("PYRO_ARM_TEST_DEVICE", "cuda")
 
@@ -65,8 +64,8 @@ def test_unbiased_on_device(case, estimator, on_device, float64):
 
 @pytest.mark.parametrize("vectorize", [False, True])
 def test_sequential_and_vectorized_on_device(vectorize, on_device):
-    model, guide = test_svi.sbn()
-    data = test_svi.synthetic_data()
+    model, guide = sbn()
+    data = synthetic_data()
     assert data.device.type == on_device.type
     elbo = TraceARM_ELBO(num_particles=3, vectorize_particles=vectorize)
     loss = elbo.loss_and_grads(model, guide, data)
@@ -80,8 +79,8 @@ def test_sequential_and_vectorized_on_device(vectorize, on_device):
 
 @pytest.mark.slow
 def test_sbn_trains_on_device(on_device):
-    model, guide = test_svi.sbn()
-    data = test_svi.synthetic_data()
+    model, guide = sbn()
+    data = synthetic_data()
     svi = SVI(
         model,
         guide,
@@ -89,40 +88,9 @@ def test_sbn_trains_on_device(on_device):
         loss=TraceARM_ELBO(num_particles=8, vectorize_particles=True),
     )
     losses = [svi.step(data) for _ in range(150)]
-    first, last = test_svi.decrease(losses)
+    first, last = decrease(losses)
     assert last < first - 0.15 * abs(first)
     assert_on_device(on_device)
-
-
-def warm_vectorized_step(device):
-    """The SBN of ``test_svi`` with its params created on ``device`` by one warm-up step of
-    vectorized TraceARM_ELBO; returns ``(elbo, model, guide, data)``. The default device is
-    restored afterwards, so that a tensor allocated later without a device lands on the CPU."""
-    previous = torch.get_default_device()
-    torch.set_default_device(device)
-    try:
-        model, guide = test_svi.sbn()
-        data = test_svi.synthetic_data()
-        elbo = TraceARM_ELBO(num_particles=3, vectorize_particles=True)
-        elbo.loss_and_grads(model, guide, data)
-    finally:
-        torch.set_default_device(previous)
-    return elbo, model, guide, data
-
-
-@contextmanager
-def loss_item_allowed(monkeypatch, during=lambda: nullcontext()):
-    """Counts the calls of ``torch_item`` in TraceARM_ELBO (Pyro's loss ``.item()``, the one
-    synchronisation a step may make) in ``calls`` and runs each inside ``during()``."""
-    calls = []
-
-    def counted_item(x):
-        calls.append(x)
-        with during():
-            return torch_item(x)
-
-    monkeypatch.setattr(trace_arm_elbo, "torch_item", counted_item)
-    yield calls
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import pyro
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.test_cuda import loss_item_allowed, warm_vectorized_step
+from tests.step_checks import loss_item_allowed, warm_vectorized_step
 
 #: The aten ops that read a tensor's data on the host (synchronise on a GPU).
 HOST_READS = {

@@ -4,53 +4,13 @@
 import math
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import SVI
 from pyro.optim import Adam
 
 from pyro_arm import TraceARM_ELBO
-
-X_DIM, Z_DIM, N = 8, 3, 16
-
-
-def synthetic_data(dtype=None):
-    """Binary data from two noisy prototypes."""
-    gen = torch.Generator().manual_seed(123)  # built on the CPU, then moved to the default device
-    protos = torch.tensor(
-        [[1, 1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 0, 1]], dtype=torch.float, device="cpu"
-    )
-    which = torch.arange(N, device="cpu") % 2
-    flips = torch.rand(N, X_DIM, generator=gen, device="cpu") < 0.1
-    data = (protos[which] + flips.float()) % 2
-    return data.to(dtype=dtype or torch.get_default_dtype(), device=torch.get_default_device())
-
-
-def sbn():
-    """A one-layer sigmoid belief net with an amortized guide (params start near zero)."""
-
-    def model(data):
-        prior = pyro.param("prior", torch.zeros(Z_DIM))
-        w = pyro.param("w", 0.1 * torch.ones(Z_DIM, X_DIM))
-        b = pyro.param("b", torch.zeros(X_DIM))
-        with pyro.plate("data", data.shape[0]):
-            z = pyro.sample("z", dist.Bernoulli(logits=prior).expand([Z_DIM]).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=z @ w + b).to_event(1), obs=data)
-
-    def guide(data):
-        v = pyro.param("v", 0.1 * torch.ones(X_DIM, Z_DIM))
-        c = pyro.param("c", torch.zeros(Z_DIM))
-        with pyro.plate("data", data.shape[0]):
-            pyro.sample("z", dist.Bernoulli(logits=data @ v + c).to_event(1))
-
-    return model, guide
-
-
-def decrease(losses, k=20):
-    first = sum(losses[:k]) / k
-    last = sum(losses[-k:]) / k
-    return first, last
+from tests.tiny_models import decrease, sbn, synthetic_data
 
 
 @pytest.mark.slow
