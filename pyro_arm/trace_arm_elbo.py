@@ -17,7 +17,7 @@ from pyro.util import check_if_enumerated, warn_if_nan
 
 from pyro_arm.baselines import baseline_options, leave_one_out, site_baseline
 from pyro_arm.dependencies import Dependencies, needs_dependencies, trace_dependencies
-from pyro_arm.estimators import Estimator, get_estimator
+from pyro_arm.estimators import Estimator, check_num_samples, get_estimator
 from pyro_arm.messengers import BaseSampleMessenger, BranchMessenger
 from pyro_arm.signals import (
     append_event_dims,
@@ -235,7 +235,10 @@ class TraceARM_ELBO(ELBO):
         requires a structure that does not depend on sampled values (violations raise
         :class:`NotImplementedError` naming the site).
     :param str estimator: ``"arm"`` (default), ``"disarm"`` or ``"ar"``; any name registered in
-        :data:`pyro_arm.estimators.ESTIMATORS`.
+        :data:`pyro_arm.estimators.ESTIMATORS`; the multi-sample ``"rloo"`` and ``"arms"`` are
+        described in :mod:`pyro_arm.multisample_elbo`.
+    :param int num_samples: samples inside one estimate of ``"rloo"`` / ``"arms"`` (``>= 2``,
+        default 2); not accepted by the other estimators.
     :param kwargs: other keyword arguments of :class:`~pyro.infer.elbo.ELBO`.
 
     References
@@ -253,9 +256,12 @@ class TraceARM_ELBO(ELBO):
         max_plate_nesting: float = float("inf"),
         vectorize_particles: bool = False,
         estimator: str = "arm",
+        num_samples: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         self.estimator = get_estimator(estimator)
+        # --- multi-sample estimators (issue 8): see pyro_arm.multisample_elbo
+        self.num_samples = check_num_samples(self.estimator, num_samples)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -286,6 +292,11 @@ class TraceARM_ELBO(ELBO):
             numbers) that :meth:`loss_and_grads` and :meth:`differentiable_loss` use.
         :rtype: float
         """
+        if self.num_samples is not None:  # multi-sample estimators (issue 8)
+            with torch.no_grad():
+                loss = torch_item(self._loss_and_surrogate(model, guide, args, kwargs)[0])
+            warn_if_nan(loss, "loss")
+            return loss
         with torch.no_grad():
             elbo = sum(run.elbo() for run in self._get_traces(model, guide, args, kwargs))
         loss = -torch_item(elbo) / self.num_particles
@@ -317,6 +328,10 @@ class TraceARM_ELBO(ELBO):
         return loss
 
     def _loss_and_surrogate(self, model, guide, args, kwargs):
+        if self.num_samples is not None:  # multi-sample estimators (issue 8)
+            from pyro_arm.multisample_elbo import multisample_loss_and_surrogate
+
+            return multisample_loss_and_surrogate(self, model, guide, args, kwargs)
         # All base runs come first, so that the random numbers behind the reported loss are
         # drawn exactly as in `loss`.
         runs = list(self._get_traces(model, guide, args, kwargs))
