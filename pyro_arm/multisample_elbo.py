@@ -75,7 +75,10 @@ def multisample_loss_and_surrogate(elbo: TraceARM_ELBO, model, guide, args, kwar
     kind = _RLOOPass if elbo.estimator.name == "rloo" else _ARMSPass
     sample_pass = kind(elbo)
     result = sample_pass.loss_and_surrogate(model, guide, args, kwargs)
-    elbo.max_plate_nesting = sample_pass.max_plate_nesting  # keep a guessed value
+    # keep a guessed value
+    elbo.max_plate_nesting = (
+        sample_pass.max_plate_nesting - _particle_dims(sample_pass) + _particle_dims(elbo)
+    )
     return result
 
 
@@ -95,9 +98,14 @@ def copula_uniforms(n: int, shape, dtype, device) -> torch.Tensor:
     return arms_uniforms(n, shape, dtype=dtype, device=device)
 
 
-def _copy_settings(sample_pass: TraceARM_ELBO, elbo: TraceARM_ELBO) -> None:
-    sample_pass.max_plate_nesting = elbo.max_plate_nesting
-    sample_pass.retain_graph = elbo.retain_graph
+def _particle_dims(elbo: TraceARM_ELBO) -> int:
+    """1 where Pyro's ELBO adds a vectorized particle plate to ``max_plate_nesting``, else 0."""
+    return int(elbo.vectorize_particles and elbo.num_particles > 1)
+
+
+def _user_nesting(elbo: TraceARM_ELBO) -> float:
+    """The ``max_plate_nesting`` the user gave (or guessed), without the particle plate."""
+    return elbo.max_plate_nesting - _particle_dims(elbo)
 
 
 def _trainable(runs: list) -> bool:
@@ -126,10 +134,11 @@ class _RLOOPass(TraceARM_ELBO):
     def __init__(self, elbo: TraceARM_ELBO) -> None:
         super().__init__(
             num_particles=elbo.num_particles * elbo.num_samples,
+            max_plate_nesting=_user_nesting(elbo),
             vectorize_particles=elbo.vectorize_particles,
             estimator="ar",
+            retain_graph=elbo.retain_graph,
         )
-        _copy_settings(self, elbo)
         self.group = elbo.num_samples
 
     def loss_and_surrogate(self, model, guide, args, kwargs):
@@ -294,10 +303,11 @@ class _ARMSPass(TraceARM_ELBO):
     def __init__(self, elbo: TraceARM_ELBO) -> None:
         super().__init__(
             num_particles=elbo.num_particles,
+            max_plate_nesting=_user_nesting(elbo),
             vectorize_particles=elbo.vectorize_particles,
             estimator="disarm",
+            retain_graph=elbo.retain_graph,
         )
-        _copy_settings(self, elbo)
         self.n = elbo.num_samples
 
     def _get_trace(self, model, guide, args, kwargs) -> _Run:
