@@ -43,7 +43,7 @@ def _elbo(estimator, vectorize, n):
     elbo = TraceARM_ELBO(
         estimator=estimator, num_samples=n, vectorize_particles=vectorize, num_particles=particles
     )
-    return elbo, (800 if vectorize else 60)
+    return elbo, (800 if vectorize else 200)
 
 
 FAST = ["one_layer", "two_layer", "categorical_bernoulli", "subsampled"]
