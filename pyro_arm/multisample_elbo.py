@@ -218,6 +218,7 @@ class SampleSetMessenger(Messenger):
 
     :param branches: ``(site, k)`` pairs, one per branch.
     :param branch_dim: the dim of the plate over branches, or ``None`` for one branch.
+
     After the run, :attr:`drawn` maps each flipped non-Bernoulli site to its fresh draw (with
     the branch dim when batched).
     """
