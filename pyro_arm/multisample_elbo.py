@@ -33,8 +33,10 @@ others. Cost: :math:`1 + T(n - 1)` runs for :math:`T` non-reparameterized guide 
 ``vectorize_particles=True`` the base runs of all particles are one batched pass and all
 :math:`T(n-1)` branches of all particles one more, off the gradient tape. For :math:`n = 2`
 and the copula pair :math:`(w, 1 - w)`, the samples, branches and gradient are DisARM's.
-Model parameters get the gradient at the base run (``model_grad="base"``; averaging over the
-branches is not implemented). Sites' own ``infer={"baseline": ...}`` options are not used.
+Model parameters get the gradient at the base run (``model_grad="base"``, the default) or its
+average over the base run and every branch (``model_grad="all"``: the branches' model
+log-densities go on the tape, with the guide's values detached, plus one more model run at the
+base run's detached values). Sites' own ``infer={"baseline": ...}`` options are not used.
 
 The reported loss is the :math:`-\mathrm{ELBO}` estimate averaged over every run: every
 branch's joint sample is marginally a sample of the guide.
@@ -45,11 +47,13 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import pyro
+import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import MultiFrameTensor, is_validation_enabled
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated
 
 from pyro_arm.baselines import leave_one_out
@@ -310,6 +314,7 @@ class _ARMSPass(TraceARM_ELBO):
             retain_graph=elbo.retain_graph,
         )
         self.n = elbo.num_samples
+        self.model_grad = elbo.model_grad
 
     def _get_trace(self, model, guide, args, kwargs) -> _Run:
         return _get_run(self, CopulaSampleMessenger(self.n), model, guide, args, kwargs)
@@ -322,7 +327,7 @@ class _ARMSPass(TraceARM_ELBO):
         evaluations = 0
         for run in runs:
             run.track_dependencies(args, kwargs)
-            sets = SampleSets(run, self.n, branch_dim, args, kwargs)
+            sets = SampleSets(run, self.n, branch_dim, args, kwargs, self.model_grad == "all")
             elbo = elbo + run.elbo().detach() + sets.branch_elbo
             evaluations += per_run * (1 + len(sets.branches))
             surrogate_elbo = surrogate_elbo + sets.surrogate_elbo()
@@ -339,8 +344,19 @@ class SampleSets:
     surrogate ELBO.
     """
 
-    def __init__(self, run: _Run, n: int, branch_dim: Optional[int], args, kwargs) -> None:
+    def __init__(
+        self,
+        run: _Run,
+        n: int,
+        branch_dim: Optional[int],
+        args,
+        kwargs,
+        model_grad_all: bool = False,
+    ) -> None:
         self.run = run
+        self.args, self.kwargs = args, kwargs
+        self.model_grad_all = model_grad_all
+        self.branch_log_p: torch.Tensor | float = 0.0  # the branches' model log-densities
         sampler = run.sampler
         score = set(run.score_sites())
         self.sites = [s for s in sampler.order if s in sampler.copulas or s in score]
@@ -361,18 +377,25 @@ class SampleSets:
     def _run_branch(self, branch: tuple[str, int], args, kwargs) -> None:
         site, _ = branch
         handler = SampleSetMessenger(self.run.sampler, [branch])
-        costs = _run_costs(self.run.model, handler(self.run.guide), args, kwargs)
+        costs = self._costs(self.run.model, handler(self.run.guide), args, kwargs)
         self.branch_elbo = self.branch_elbo + sum(v.sum() for v in costs.values())
         self.signals[site].append(costs.sum_to(self.frames[site]))
         if site in self.draws:
             self.draws[site].append(handler.drawn[site])
+
+    def _costs(self, model, guide, args, kwargs) -> MultiFrameTensor:
+        if not self.model_grad_all:
+            return _run_costs(model, guide, args, kwargs)
+        costs, log_p = _costs_with_model_grad(model, guide, args, kwargs)
+        self.branch_log_p = self.branch_log_p + log_p
+        return costs
 
     def _run_batched(self, branch_dim: int, args, kwargs) -> None:
         run, num = self.run, len(self.branches)
         plate = pyro.plate(_SAMPLE_PLATE, num, dim=branch_dim)
         handler = SampleSetMessenger(run.sampler, self.branches, branch_dim)
         with _batched_pass_errors(handler.seen):
-            costs = _run_costs(plate(run.model), handler(plate(run.guide)), args, kwargs)
+            costs = self._costs(plate(run.model), handler(plate(run.guide)), args, kwargs)
         missing = [name for name in run.sampler.order if name not in handler.seen]
         if missing:
             raise NotImplementedError(
@@ -398,6 +421,11 @@ class SampleSets:
         for site in run.model_trace.nodes.values():
             if site["type"] == "sample":
                 surrogate = surrogate + site["log_prob_sum"]
+        if self.model_grad_all and self.branches:
+            # model params: the average over base and branches; guide gradients unchanged
+            base = _model_log_p(run.model, run.sampler.values, self.args, self.kwargs)
+            runs = 1 + len(self.branches)
+            surrogate = surrogate + (base + self.branch_log_p) / runs - base
         for name, site in run.guide_trace.nodes.items():
             if site["type"] != "sample" or name in copulas:
                 continue
@@ -423,6 +451,53 @@ class SampleSets:
             for weight, score in zip(weights, scores):
                 surrogate = surrogate + (weight * score).sum()
         return surrogate
+
+
+def _detached(guide_trace):
+    trace = guide_trace.copy()
+    for name, site in list(trace.nodes.items()):
+        if site["type"] == "sample" and torch.is_tensor(site["value"]):
+            trace.nodes[name] = dict(site, value=site["value"].detach())
+    return trace
+
+
+class _HoldDetached(Messenger):
+    """Holds the model's unobserved sites (plate subsamples included) at detached values."""
+
+    def __init__(self, values: dict) -> None:
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg) -> None:
+        if not msg["is_observed"] and msg["name"] in self.values:
+            msg["value"] = self.values[msg["name"]].detach()
+
+
+def _model_log_p(model, values: dict, args, kwargs) -> torch.Tensor:
+    """The model's log-density, with gradient, at the detached guide ``values``."""
+    with pyro.validation_enabled(False):
+        model_trace = poutine.trace(_HoldDetached(values)(model)).get_trace(*args, **kwargs)
+        return torch.as_tensor(prune_subsample_sites(model_trace).log_prob_sum())
+
+
+def _costs_with_model_grad(model, guide, args, kwargs) -> tuple[MultiFrameTensor, torch.Tensor]:
+    """
+    Like :func:`~pyro_arm.trace_arm_elbo._run_costs`, but the model runs with gradient at the
+    guide's detached values; returns the costs and the model's log-density.
+    """
+    with pyro.validation_enabled(False):
+        with torch.no_grad():
+            guide_trace = _detached(poutine.trace(guide).get_trace(*args, **kwargs))
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace))
+        model_trace = prune_subsample_sites(model_trace.get_trace(*args, **kwargs))
+        guide_trace = prune_subsample_sites(guide_trace)
+        model_trace.compute_log_prob()
+        with torch.no_grad():
+            guide_trace.compute_log_prob()
+        log_p = sum(
+            site["log_prob_sum"] for site in model_trace.nodes.values() if site["type"] == "sample"
+        )
+        return cost_terms(model_trace, guide_trace), torch.as_tensor(log_p)
 
 
 def _stack(signals: list, dim: int, event_dim: int) -> torch.Tensor:

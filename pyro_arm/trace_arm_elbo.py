@@ -239,6 +239,8 @@ class TraceARM_ELBO(ELBO):
         described in :mod:`pyro_arm.multisample_elbo`.
     :param int num_samples: samples inside one estimate of ``"rloo"`` / ``"arms"`` (``>= 2``,
         default 2); not accepted by the other estimators.
+    :param str model_grad: with ``"arms"``: ``"base"`` (default) gives model parameters the
+        gradient at the base run, ``"all"`` its average over every run (base and branches).
     :param kwargs: other keyword arguments of :class:`~pyro.infer.elbo.ELBO`.
 
     References
@@ -257,11 +259,17 @@ class TraceARM_ELBO(ELBO):
         vectorize_particles: bool = False,
         estimator: str = "arm",
         num_samples: Optional[int] = None,
+        model_grad: str = "base",
         **kwargs: Any,
     ) -> None:
         self.estimator = get_estimator(estimator)
         # --- multi-sample estimators (issue 8): see pyro_arm.multisample_elbo
         self.num_samples = check_num_samples(self.estimator, num_samples)
+        if model_grad not in ("base", "all") or (model_grad == "all" and estimator != "arms"):
+            raise ValueError(
+                f"model_grad must be 'base', or 'all' with estimator='arms'; got {model_grad!r}"
+            )
+        self.model_grad = model_grad
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,

@@ -107,3 +107,37 @@ def test_arms_two_samples_is_disarm(case, vectorize, monkeypatch):
         rows.append(samples[:, 1:])  # gradients (the loss of ARMS averages both runs)
     assert rows[0].abs().sum() > 0
     torch.testing.assert_close(rows[1], rows[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "estimator, model_grad", [("disarm", "all"), ("rloo", "all"), ("arms", "every")]
+)
+def test_model_grad_validation(estimator, model_grad):
+    with pytest.raises(ValueError, match="model_grad must be"):
+        TraceARM_ELBO(estimator=estimator, model_grad=model_grad)
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["seq", "vec"])
+@pytest.mark.parametrize("case", ["one_layer", "subsampled", "bernoulli_then_normal"])
+def test_model_grad_all_unbiased(case, vectorize):
+    model, guide, args = CASES[case]()
+    elbo, num_samples = _elbo("arms", vectorize, 3)
+    elbo.model_grad = "all"
+    assert_unbiased(elbo, model, guide, args, num_samples=num_samples, seed=2)
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["seq", "vec"])
+def test_model_grad_all_changes_only_model_params(vectorize):
+    model, guide, args = CASES["one_layer"]()
+    pyro.clear_param_store()
+    TraceGraph_ELBO().loss(model, guide, *args)  # creates the params
+    grads = {}
+    for model_grad in ("base", "all"):
+        elbo = TraceARM_ELBO(estimator="arms", num_samples=3, model_grad=model_grad)
+        elbo.vectorize_particles = vectorize
+        pyro.set_rng_seed(3)
+        labels, grads[model_grad] = draw_estimates(elbo, model, guide, args, {}, 4)
+    guide_cols = [i for i, name in enumerate(labels) if name.startswith("phi")]
+    model_cols = [i for i, name in enumerate(labels) if name.startswith(("prior", "w"))]
+    torch.testing.assert_close(grads["all"][:, guide_cols], grads["base"][:, guide_cols])
+    assert not torch.allclose(grads["all"][:, model_cols], grads["base"][:, model_cols])
