@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Callable, Iterable, Sequence
 
 import pyro
 import torch
+from pyro.poutine.util import prune_subsample_sites
 
 from benchmarks import storch_arm
 from benchmarks.plain_arm import ESTIMATOR_NAMES, PlainARMStep, PlainSBN, arm_surrogate_loss
@@ -119,10 +121,44 @@ def copy_of_plain(sbn) -> PlainSBN:
 # ---------------------------------------------------------------------------------- contenders
 
 
+#: Multi-sample contenders ``<estimator><n>_vec`` (e.g. ``arms4_vec``): the estimators and n.
+MULTI_SAMPLE_ESTIMATORS = ("rloo", "arms")
+MULTI_SAMPLE_SIZES = (2, 4, 8)
+
+
 def pyro_loss(kind: str, num_particles: int = 1):
-    """A Pyro ELBO: ``trace_elbo``, ``tracegraph_elbo``, ``<estimator>_seq`` or ``_vec``."""
+    """A Pyro ELBO: ``trace_elbo``, ``tracegraph_elbo``, ``<estimator>_seq`` or ``_vec``, or a
+    multi-sample ``<estimator><n>_seq`` / ``_vec`` (``rloo4_vec``: RLOO with 4 samples)."""
     name, mode = kind.rsplit("_", 1)
+    multi = re.fullmatch(r"(rloo|arms)(\d+)", name)
+    if multi:
+        estimator, n = multi.group(1), int(multi.group(2))
+        return make_elbo(estimator, num_particles, vectorize=(mode == "vec"), num_samples=n)
     return make_elbo(name, num_particles, vectorize=(mode == "vec"))
+
+
+def num_stochastic_layers(sbn, x: torch.Tensor) -> int:
+    """The latent sample sites of an SBN's guide (its stochastic layers)."""
+    trace = prune_subsample_sites(pyro.poutine.trace(sbn.guide).get_trace(x))
+    return sum(1 for s in trace.nodes.values() if s["type"] == "sample" and not s["is_observed"])
+
+
+def model_evaluations(name: str, num_layers: int, num_particles: int = 1) -> int:
+    """
+    Runs of model and guide behind one gradient of contender ``name`` on an SBN with
+    ``num_layers`` stochastic layers: ARM / DisARM ``T + 1`` per particle (2 for one layer),
+    AR and Pyro's ELBOs 1, RLOO-n ``n``, ARMS-n ``1 + T (n - 1)`` (``n`` for one layer).
+    """
+    estimator = name.rsplit("_", 1)[0].removeprefix("plain_").removeprefix("storch_")
+    multi = re.fullmatch(r"(rloo|arms)(\d+)", estimator)
+    if multi:
+        n = int(multi.group(2))
+        per_particle = n if multi.group(1) == "rloo" else 1 + num_layers * (n - 1)
+    elif estimator in ("arm", "disarm"):
+        per_particle = num_layers + 1
+    else:
+        per_particle = 1
+    return per_particle * num_particles
 
 
 def available_contenders(include_plain: bool = True, include_peers: bool = True) -> list[str]:
@@ -130,6 +166,7 @@ def available_contenders(include_plain: bool = True, include_peers: bool = True)
     imports and runs on batches: see :data:`benchmarks.storch_arm.RUNS_ON_BATCHES`)."""
     names = ["trace_elbo", "tracegraph_elbo"]
     names += [f"{e}_{m}" for m in ("seq", "vec") for e in ESTIMATORS]
+    names += [f"{e}{n}_vec" for e in MULTI_SAMPLE_ESTIMATORS for n in MULTI_SAMPLE_SIZES]
     if include_plain:
         names += [f"plain_{e}" for e in ESTIMATORS]
     if include_peers and storch_arm.unavailable_reason() is None:

@@ -74,6 +74,8 @@ def make_runner(contender: common.Contender, batches: list[torch.Tensor], steps:
 def plain_reference(name: str) -> str:
     """The plain-PyTorch contender to compare ``name`` with: same estimator, else ``plain_arm``."""
     estimator = name.split("_")[-1 if name.startswith("storch_") else 0]
+    if name.startswith(common.MULTI_SAMPLE_ESTIMATORS):
+        return "plain_arm"  # multi-sample contenders (rloo4_vec) have no plain twin
     if name.endswith(("_seq", "_vec")) or name.startswith("storch_"):
         return f"plain_{estimator}"
     return name if name.startswith("plain_") else "plain_arm"

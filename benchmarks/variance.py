@@ -7,7 +7,9 @@ check.
 On one fixed batch of binarized MNIST, every contender draws ``--draws`` gradients (interleaved
 round by round) at the same parameters; the script reports the trace of their covariance over the
 encoder (guide) parameters, the squared norm of their mean, the median time of one gradient
-(forward + backward) and variance x time (the variance at equal compute). It does so at
+(forward + backward) and variance x time (the variance at equal compute), and the runs of model
+and guide per gradient ("evals", see :func:`benchmarks.common.model_evaluations`) with variance x
+evals (the variance at equal model evaluations). It does so at
 initialisation and after ``--train-steps`` Adam steps of vectorized ARM.
 
     python -m benchmarks.variance
@@ -136,6 +138,7 @@ def main(argv=None):
         for k in record:
             record[k][key] = {}
         rows = []
+        layers = common.num_stochastic_layers(init, x)
         ref = results["plain_arm"][0].trace_cov() if "plain_arm" in results else float("nan")
         for n, (st, ts) in results.items():
             var, ms = st.trace_cov(), statistics.median(ts) * 1e3
@@ -143,12 +146,23 @@ def main(argv=None):
             record["mean_sq_norm"][key][n] = st.mean_sq_norm()
             record["ms_per_grad"][key][n] = ms
             record["var_x_ms"][key][n] = var * ms
-            rows.append((n, var, var / ref, st.mean_sq_norm(), ms, var * ms))
+            evals = common.model_evaluations(n, layers)
+            record.setdefault("evaluations", {}).setdefault(key, {})[n] = evals
+            rows.append((n, evals, var, var * evals, var / ref, st.mean_sq_norm(), ms, var * ms))
         steps = 0 if state == "init" else args.train_steps
         common.print_table(
             f"{model_name}, {state} ({steps} ARM steps): encoder-gradient variance, "
             f"batch {args.batch_size}, {args.draws} draws ({args.device})",
-            ["contender", "tr Cov", "x plain_arm", "|mean|^2", "ms/grad", "tr Cov x ms"],
+            [
+                "contender",
+                "evals",
+                "tr Cov",
+                "tr Cov x evals",
+                "x plain_arm",
+                "|mean|^2",
+                "ms/grad",
+                "tr Cov x ms",
+            ],
             rows,
         )
     return common.finish(

@@ -26,6 +26,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from pyro_arm import multisample
+
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     """
@@ -78,12 +80,15 @@ class Estimator(NamedTuple):
 
     :param name: the name users pass as ``TraceARM_ELBO(estimator=name)``.
     :param antithetic: whether it needs ``f(z1)``, i.e. one extra evaluation per Bernoulli site.
-    :param logits_grad: ``(f1, f2, u, logits) -> Tensor``, the per-component gradient estimate.
+    :param logits_grad: ``(f1, f2, u, logits) -> Tensor``, the per-component gradient estimate;
+        for a multi-sample estimator ``(f, z, logits) -> Tensor`` over a leading sample dim.
+    :param multi_sample: whether it takes ``num_samples`` (see :mod:`pyro_arm.multisample_elbo`).
     """
 
     name: str
     antithetic: bool
     logits_grad: Callable[..., Tensor]
+    multi_sample: bool = False
 
 
 #: The estimators :class:`~pyro_arm.TraceARM_ELBO` knows by name.
@@ -91,6 +96,9 @@ ESTIMATORS: dict[str, Estimator] = {
     "arm": Estimator("arm", True, arm),
     "disarm": Estimator("disarm", True, disarm),
     "ar": Estimator("ar", False, ar),
+    # multi-sample estimators (issue 8): run by pyro_arm.multisample_elbo
+    "rloo": Estimator("rloo", False, multisample.rloo, multi_sample=True),
+    "arms": Estimator("arms", True, multisample.arms, multi_sample=True),
 }
 
 
@@ -101,3 +109,28 @@ def get_estimator(name: str) -> Estimator:
     except (KeyError, TypeError):
         valid = ", ".join(repr(k) for k in ESTIMATORS)
         raise ValueError(f"Unknown estimator {name!r}; expected one of {valid}") from None
+
+
+def check_num_samples(estimator: Estimator, num_samples: Optional[int]) -> Optional[int]:
+    """
+    Validates ``num_samples`` for ``estimator``: an int ``>= 2`` (default 2) for a multi-sample
+    estimator, ``None`` for the others.
+
+    :raises ValueError: on ``num_samples < 2`` with a multi-sample estimator, or on
+        ``num_samples`` passed to an estimator that does not take it (naming those that do).
+    """
+    if not estimator.multi_sample:
+        if num_samples is not None:
+            takes = ", ".join(repr(e.name) for e in ESTIMATORS.values() if e.multi_sample)
+            raise ValueError(
+                f"estimator {estimator.name!r} does not take num_samples; the estimators "
+                f"that do: {takes}"
+            )
+        return None
+    if num_samples is None:
+        return 2
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(
+            f"estimator {estimator.name!r} needs num_samples >= 2 (an int), got {num_samples!r}"
+        )
+    return num_samples

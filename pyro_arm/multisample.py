@@ -179,6 +179,23 @@ def arms_samples(u: Tensor, logits: Tensor) -> Tensor:
     return torch.where(logits < 0, u < probs, 1 - u < probs).to(logits.dtype)
 
 
+def arms_lower_tail(u: Tensor, logits: Tensor) -> Tensor:
+    r"""
+    Copula uniforms reordered so that :math:`z_k = 1[v_k < p]` are ARMS samples:
+    :math:`v_k = u_k` where ``logits < 0``, else :math:`v_k = 1 - u_{n-1-k}`.
+
+    Up to the reversal of the sample order where ``logits >= 0`` (the copula is exchangeable,
+    so the joint law is unchanged), ``1[v < p]`` is :func:`arms_samples`. Each :math:`v_k` is
+    ``U(0, 1)``, and for ``n = 2`` with ``u = (w, 1 - w)``, :math:`v = (w, 1 - w)` whatever the
+    sign: sample 0 is DisARM's ordinary sample ``1[w < p]`` and sample 1 its antithetic twin.
+
+    :param u: uniforms ``(n, *shape)`` from :func:`arms_uniforms`.
+    :param logits: logits broadcastable to ``u[0]``.
+    :returns: uniforms ``(n, *shape)`` of the broadcast shape.
+    """
+    return torch.where(logits < 0, u, 1 - u.flip(0))
+
+
 def arms_debias(logits: Tensor, n: int) -> Tensor:
     r"""
     The ARMS debiasing factor :math:`c = p(1-p) / (p - J) = \sigma(|\phi|) / (1 - r)`, with

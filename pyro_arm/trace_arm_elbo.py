@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from pyro.infer.elbo import ELBO
@@ -12,7 +12,7 @@ from pyro.util import check_if_enumerated, warn_if_inf, warn_if_nan
 
 from pyro_arm.baselines import baseline_options, leave_one_out, site_baseline
 from pyro_arm.batching import batched_pass_errors
-from pyro_arm.estimators import get_estimator
+from pyro_arm.estimators import check_num_samples, get_estimator
 from pyro_arm.messengers import BaseSampleMessenger
 from pyro_arm.particle import Particle, ParticleContext
 
@@ -88,7 +88,12 @@ class TraceARM_ELBO(ELBO):
         requires a structure that does not depend on sampled values (violations raise
         :class:`NotImplementedError` naming the site).
     :param str estimator: ``"arm"`` (default), ``"disarm"`` or ``"ar"``; any name registered in
-        :data:`pyro_arm.estimators.ESTIMATORS`.
+        :data:`pyro_arm.estimators.ESTIMATORS`; the multi-sample ``"rloo"`` and ``"arms"`` are
+        described in :mod:`pyro_arm.multisample_elbo`.
+    :param int num_samples: samples inside one estimate of ``"rloo"`` / ``"arms"`` (``>= 2``,
+        default 2); not accepted by the other estimators.
+    :param str model_grad: with ``"arms"``: ``"base"`` (default) gives model parameters the
+        gradient at the base run, ``"all"`` its average over every run (base and branches).
     :param kwargs: other keyword arguments of :class:`~pyro.infer.elbo.ELBO`.
 
     References
@@ -106,11 +111,20 @@ class TraceARM_ELBO(ELBO):
         max_plate_nesting: float = float("inf"),
         vectorize_particles: bool = False,
         estimator: str = "arm",
+        num_samples: Optional[int] = None,
+        model_grad: str = "base",
         **kwargs: Any,
     ) -> None:
         if not isinstance(num_particles, numbers.Integral) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
         self.estimator = get_estimator(estimator)
+        # --- multi-sample estimators (issue 8): see pyro_arm.multisample_elbo
+        self.num_samples = check_num_samples(self.estimator, num_samples)
+        if model_grad not in ("base", "all") or (model_grad == "all" and estimator != "arms"):
+            raise ValueError(
+                f"model_grad must be 'base', or 'all' with estimator='arms'; got {model_grad!r}"
+            )
+        self.model_grad = model_grad
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -149,13 +163,17 @@ class TraceARM_ELBO(ELBO):
             branch_dim = -self.max_plate_nesting - 1
         return ParticleContext(model, guide, args, kwargs, self.estimator, branch_dim)
 
+    def _sampler(self) -> BaseSampleMessenger:
+        """The handler that samples a base run's ARM sites (the multi-sample passes swap it)."""
+        return BaseSampleMessenger()
+
     def _particles(self, model, guide, args, kwargs) -> list[Particle]:
         """The base runs of one call: one particle each, or all particles as one when
         vectorized."""
         context = self._context(model, guide, args, kwargs)
         particles = []
         for _ in range(1 if context.vectorized else self.num_particles):
-            sampler = BaseSampleMessenger()
+            sampler = self._sampler()
             # the sampler wraps the guide outside every plate, the particles' included
             with batched_pass_errors(sampler.order if context.vectorized else None):
                 traces = self._get_trace(context.model, sampler(context.guide), args, kwargs)
@@ -168,6 +186,11 @@ class TraceARM_ELBO(ELBO):
             numbers) that :meth:`loss_and_grads` and :meth:`differentiable_loss` use.
         :rtype: float
         """
+        if self.num_samples is not None:  # multi-sample estimators (issue 8)
+            with torch.no_grad():
+                loss = torch_item(self._loss_and_surrogate(model, guide, args, kwargs)[0])
+            warn_if_nan(loss, "loss")
+            return loss
         with torch.no_grad():
             elbo = sum(particle.elbo() for particle in self._particles(model, guide, args, kwargs))
         loss = -torch_item(elbo) / self.num_particles
@@ -199,6 +222,10 @@ class TraceARM_ELBO(ELBO):
         return loss
 
     def _loss_and_surrogate(self, model, guide, args, kwargs):
+        if self.num_samples is not None:  # multi-sample estimators (issue 8)
+            from pyro_arm.multisample_elbo import multisample_loss_and_surrogate
+
+            return multisample_loss_and_surrogate(self, model, guide, args, kwargs)
         # All base runs come first, so that the random numbers behind the reported loss are
         # drawn exactly as in `loss`.
         particles = self._particles(model, guide, args, kwargs)

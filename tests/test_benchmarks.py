@@ -196,3 +196,18 @@ def test_ddp_step_time_smoke(tmp_path):
     assert "| processes | steps/s |" in out
     assert set(record["steps_per_s"]) == {"1", "2"}
     assert all(rate > 0 for rate in record["steps_per_s"].values())
+
+
+def test_multi_sample_contenders_and_evaluations():
+    from benchmarks import common
+
+    names = common.available_contenders(include_plain=False, include_peers=False)
+    for n in (2, 4, 8):
+        assert {f"rloo{n}_vec", f"arms{n}_vec"} <= set(names)
+    elbo = common.pyro_loss("arms4_vec")
+    assert (elbo.estimator.name, elbo.num_samples, elbo.vectorize_particles) == ("arms", 4, True)
+    assert common.pyro_loss("rloo8_seq").num_samples == 8
+    evals = {n: common.model_evaluations(n, 2) for n in ("arm_vec", "rloo4_vec", "arms4_vec")}
+    assert evals == {"arm_vec": 3, "rloo4_vec": 4, "arms4_vec": 7}
+    assert common.model_evaluations("arms4_vec", 1) == common.model_evaluations("rloo4_vec", 1)
+    assert common.model_evaluations("disarm_vec", 1, num_particles=2) == 4

@@ -3,6 +3,7 @@
 generated from the fields, and ``import pyro_arm`` free of the application's dependencies."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 
@@ -78,3 +79,38 @@ def test_import_pyro_arm_is_light():
         "assert not [m for m in new if m.split('.')[0] in ('tqdm', 'matplotlib')], new\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"estimator": "rloo", "num_samples": 1}, "--num-samples: .*num_samples >= 2"),
+        ({"estimator": "disarm", "num_samples": 4}, "--num-samples: .*'rloo', 'arms'"),
+        ({"estimator": "tracegraph", "num_samples": 4}, "--num-samples: tracegraph does not"),
+    ],
+)
+def test_validate_num_samples(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes).validate()
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "arms"])
+def test_make_elbo_num_samples(estimator):
+    elbo = make_elbo(estimator, 2, True, num_samples=3)
+    assert (elbo.estimator.name, elbo.num_samples, elbo.num_particles) == (estimator, 3, 2)
+    with pytest.raises(ValueError, match="does not take num_samples"):
+        make_elbo("trace", num_samples=3)
+
+
+@pytest.mark.parametrize("vectorize", [[], ["--vectorize"]])
+@pytest.mark.parametrize("estimator", ["rloo", "arms"])
+def test_train_multisample(estimator, vectorize, tmp_path, capsys):
+    run = tmp_path / estimator
+    status = main(
+        ["train", "--steps", "2", "--estimator", estimator, "--num-samples", "3",
+         "--model", "two_layer", "--run-dir", str(run), "--eval-k", "3", "--test-size", "8",
+         "--no-progress", "--device", "cpu", *vectorize]
+    )  # fmt: skip
+    assert status == 0, capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert (config["estimator"], config["num_samples"]) == (estimator, 3)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from pyro_arm.estimators import ESTIMATORS, check_num_samples
 from pyro_arm.sbn.data import BINARIZATIONS
 from pyro_arm.sbn.elbo import estimator_choices
 from pyro_arm.sbn.models import ARCHITECTURES, parse_architecture
@@ -34,6 +35,7 @@ TRAJECTORY_FIELDS = (
     "seed",
     "num_particles",
     "vectorize",
+    "num_samples",
 )
 
 
@@ -163,6 +165,13 @@ class TrainConfig:
     vectorize: bool = option(
         False, "vectorize the particles (and antithetic branches) in plates", type=bool
     )
+    num_samples: Optional[int] = option(
+        None,
+        "samples inside one estimate of the multi-sample estimators rloo and arms "
+        "(>= 2; default 2); not taken by the others",
+        type=int,
+        check=_positive_int,
+    )
     eval_every: int = option(
         1000, "steps between validation -ELBO rows", type=int, check=_positive_int
     )
@@ -197,6 +206,13 @@ class TrainConfig:
             check = field.metadata["check"]
             if check is not None:
                 check(field.name, value)
+        if self.estimator in ESTIMATORS:
+            try:
+                check_num_samples(ESTIMATORS[self.estimator], self.num_samples)
+            except ValueError as e:
+                raise ConfigError(f"{flag('num_samples')}: {e}") from None
+        elif self.num_samples is not None:
+            raise ConfigError(f"{flag('num_samples')}: {self.estimator} does not take it")
 
 
 def _document_fields(cls: type) -> None:

@@ -7,6 +7,8 @@ score-function baselines (:data:`PYRO_BASELINES`).
 
 from __future__ import annotations
 
+from typing import Optional
+
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO
 
 from pyro_arm.estimators import ESTIMATORS
@@ -24,19 +26,27 @@ def estimator_choices() -> tuple[str, ...]:
     return tuple(ESTIMATORS) + tuple(n for n in PYRO_BASELINES if n not in ESTIMATORS)
 
 
-def make_elbo(estimator: str, num_particles: int = 1, vectorize: bool = False) -> ELBO:
+def make_elbo(
+    estimator: str,
+    num_particles: int = 1,
+    vectorize: bool = False,
+    num_samples: Optional[int] = None,
+) -> ELBO:
     """
     The ELBO object for an estimator name (one plate: the data plate at dim -1).
 
     :param estimator: a name of :func:`estimator_choices`.
     :param num_particles: particles per step.
     :param vectorize: vectorize the particles (and, for the ARM family, the antithetic branches).
-    :raises ValueError: for an unknown name.
+    :param num_samples: samples per estimate of a multi-sample estimator (``rloo``, ``arms``).
+    :raises ValueError: for an unknown name, or a ``num_samples`` the estimator does not take.
     """
     kwargs = dict(num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=1)
     if estimator in ESTIMATORS:
-        return TraceARM_ELBO(estimator=estimator, **kwargs)
+        return TraceARM_ELBO(estimator=estimator, num_samples=num_samples, **kwargs)
     if estimator in PYRO_BASELINES:
+        if num_samples is not None:
+            raise ValueError(f"estimator {estimator!r} does not take num_samples")
         return PYRO_BASELINES[estimator](**kwargs)
     raise ValueError(
         f"unknown estimator {estimator!r}; expected one of {', '.join(estimator_choices())}"
