@@ -326,8 +326,8 @@ class _ARMSPass(TraceARM_ELBO):
 class SampleSets:
     """
     The ``n`` samples of every non-reparameterized guide site of one base run: runs the
-    branches ``(t, k)``, ``k = 1 .. n - 1`` (one by one, or as one batched pass when
-    ``branch_dim`` is given), keeps each site's ``n`` plate-local signals and builds the
+    branches ``(t, k)``, ``k = 1 .. n - 1`` (one by one, or as one batched pass when the
+    particle's context is vectorized), keeps each site's ``n`` plate-local signals and builds the
     surrogate ELBO.
     """
 
