@@ -48,3 +48,17 @@ def batched_pass_errors(seen: Optional[list]):
             "branches on it (.item(), `if z:`) cannot run vectorized; "
             "use vectorize_particles=False"
         ) from exc
+
+
+def check_all_seen(order: list, seen: list) -> None:
+    """
+    Raises :class:`NotImplementedError` when a site of the base run (``order``) did not appear in
+    a batched pass of branches (``seen``): the guide's structure depends on sampled values.
+    """
+    missing = [name for name in order if name not in seen]
+    if missing:
+        raise NotImplementedError(
+            f"Site '{missing[0]}' of the base run did not appear in a batched pass of branches: "
+            "the guide's structure depends on sampled values, which a vectorized pass cannot "
+            "follow; use vectorize_particles=False"
+        )

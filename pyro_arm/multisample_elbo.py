@@ -53,7 +53,7 @@ from pyro.infer.util import MultiFrameTensor
 from pyro.poutine.messenger import Messenger
 
 from pyro_arm.baselines import leave_one_out
-from pyro_arm.batching import batched_pass_errors
+from pyro_arm.batching import batched_pass_errors, check_all_seen
 from pyro_arm.costs import CostMessenger, ReplayValuesMessenger, run_costs
 from pyro_arm.messengers import ARMSample, BaseSampleMessenger
 from pyro_arm.multisample import arms, arms_lower_tail, arms_uniforms, rloo_weights
@@ -375,13 +375,7 @@ class SampleSets:
         handler = SampleSetMessenger(run.sampler, self.branches, branch_dim)
         with batched_pass_errors(handler.seen):
             costs = self._costs(plate(run.context.model), handler(plate(run.context.guide)))
-        missing = [name for name in run.sampler.order if name not in handler.seen]
-        if missing:
-            raise NotImplementedError(
-                f"Site '{missing[0]}' of the base run did not appear in a branch: the guide's "
-                "structure depends on sampled values, which a vectorized pass cannot follow; "
-                "use vectorize_particles=False"
-            )
+        check_all_seen(run.sampler.order, handler.seen)
         frame = next(f for key in costs for f in key if f.name == _SAMPLE_PLATE)
         self.branch_elbo = _branch_total(costs, frame, num, -branch_dim)
         summed = {site: costs.sum_to(self.frames[site] | {frame}) for site in self.sites}

@@ -23,7 +23,7 @@ from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.util import MultiFrameTensor
 from pyro.poutine import Trace
 
-from pyro_arm.batching import batched_pass_errors
+from pyro_arm.batching import batched_pass_errors, check_all_seen
 from pyro_arm.costs import CostMessenger, costs_of, run_costs, trace_cost_terms
 from pyro_arm.dependencies import Dependencies, needs_dependencies, trace_dependencies
 from pyro_arm.estimators import Estimator
@@ -193,13 +193,7 @@ class Particle:
         flips = BatchedBranchMessenger(self.sampler, names, ctx.branch_dim)
         with self._pass_errors(flips.seen):
             costs = run_costs(branches(ctx.model), flips(branches(ctx.guide)), ctx.args, ctx.kwargs)
-        missing = [name for name in self.sampler.order if name not in flips.seen]
-        if missing:
-            raise NotImplementedError(
-                f"Site '{missing[0]}' of the base run did not appear in an antithetic branch: "
-                "the guide's structure depends on sampled values, which a vectorized pass "
-                "cannot follow; use vectorize_particles=False"
-            )
+        check_all_seen(self.sampler.order, flips.seen)
         branch_frame = next(f for key in costs for f in key if f.name == _BRANCH_PLATE)
         signals = {}
         for index, (name, arm) in enumerate(self.arm_sites.items()):

@@ -14,21 +14,9 @@ from pyro_arm.messengers import BaseSampleMessenger
 from pyro_arm.signals import signal_frames
 from tests import tiny_models
 from tests.exact import assert_unbiased
+from tests.tiny_models import CONFIGS, config_id
 
 pytestmark = pytest.mark.usefixtures("float64")
-
-# (estimator, vectorize_particles, num_particles, num_samples)
-CONFIGS = [
-    ("arm", True, 200, 10000),
-    ("disarm", True, 200, 10000),
-    ("ar", True, 200, 10000),
-    ("arm", False, 1, 240),
-    ("disarm", False, 2, 160),
-]
-
-
-def config_id(c):
-    return f"{c[0]}-{'vec' if c[1] else 'seq'}-P{c[2]}"
 
 
 def base_run(case):

@@ -16,6 +16,8 @@ from tests import tiny_models
 from tests.exact import assert_unbiased, exact_elbo, exact_loss_and_grads
 from tests.tiny_models import (
     CASES,
+    CONFIGS,
+    config_id,
     local_then_global,
     subsampled,
     two_layer,
@@ -23,20 +25,6 @@ from tests.tiny_models import (
 )
 
 pytestmark = pytest.mark.usefixtures("float64")
-
-
-# (estimator, vectorize_particles, num_particles, num_samples)
-CONFIGS = [
-    ("arm", True, 200, 10000),
-    ("disarm", True, 200, 10000),
-    ("ar", True, 200, 10000),
-    ("arm", False, 1, 240),
-    ("disarm", False, 2, 160),
-]
-
-
-def config_id(c):
-    return f"{c[0]}-{'vec' if c[1] else 'seq'}-P{c[2]}"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)

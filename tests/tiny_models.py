@@ -11,6 +11,20 @@ import pyro.poutine as poutine
 import torch
 from torch.distributions import constraints
 
+#: The configurations the exact-enumeration tests run every tiny model in:
+# (estimator, vectorize_particles, num_particles, num_samples)
+CONFIGS = [
+    ("arm", True, 200, 10000),
+    ("disarm", True, 200, 10000),
+    ("ar", True, 200, 10000),
+    ("arm", False, 1, 240),
+    ("disarm", False, 2, 160),
+]
+
+
+def config_id(c):
+    return f"{c[0]}-{'vec' if c[1] else 'seq'}-P{c[2]}"
+
 
 def t(*values):
     return torch.tensor(values, dtype=torch.get_default_dtype())
