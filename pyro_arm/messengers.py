@@ -100,7 +100,39 @@ class BaseSampleMessenger(Messenger):
         self.values[msg["name"]] = msg["value"]
 
 
-class BranchMessenger(Messenger):
+class BranchReplayMessenger(Messenger):
+    """
+    What every branch handler shares: observed and already-valued sites are left alone, plate
+    subsamples keep the base run's, a site the base run lacks goes to :meth:`_new_site`, and
+    every other site is recorded in :attr:`seen` and handed to :meth:`_replay` with its
+    position in the base run.
+    """
+
+    base: BaseSampleMessenger
+    seen: list[str]
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["is_observed"] or msg["value"] is not None:
+            return
+        name = msg["name"]
+        if is_subsample_site(msg):
+            msg["value"] = self.base.values.get(name)  # None: a plate the guide lacks
+            return
+        position = self.base.position.get(name)
+        if position is None:
+            self._new_site(msg)
+            return
+        self.seen.append(name)
+        self._replay(msg, position)
+
+    def _new_site(self, msg) -> None:
+        raise NotImplementedError
+
+    def _replay(self, msg, position: int) -> None:
+        raise NotImplementedError
+
+
+class BranchMessenger(BranchReplayMessenger):
     """
     Replays a base run with one ARM site flipped to its antithetic twin :math:`z_1`.
 
@@ -120,18 +152,11 @@ class BranchMessenger(Messenger):
         self.fresh: list[str] = []
         self.seen: list[str] = []
 
-    def _pyro_sample(self, msg) -> None:
-        if msg["is_observed"] or msg["value"] is not None:
-            return
+    def _new_site(self, msg) -> None:
+        self.fresh.append(msg["name"])  # downstream of the flip: sampled afresh by Pyro
+
+    def _replay(self, msg, position: int) -> None:
         name = msg["name"]
-        if is_subsample_site(msg):
-            msg["value"] = self.base.values.get(name)  # None: a plate the guide lacks
-            return
-        position = self.base.position.get(name)
-        if position is None:
-            self.fresh.append(name)  # downstream of the flip: sampled afresh by Pyro
-            return
-        self.seen.append(name)
         if position < self.flip:
             msg["value"] = self.base.values[name]
             return
@@ -140,7 +165,7 @@ class BranchMessenger(Messenger):
             msg["value"] = arm.z1 if position == self.flip else common_random_sample(msg, arm)
 
 
-class BatchedBranchMessenger(Messenger):
+class BatchedBranchMessenger(BranchReplayMessenger):
     """
     Replays a base run once per ARM site in ``flips``, all as one batched pass: index ``b`` of
     a plate over branches at dim ``branch_dim`` (left of every other plate) flips site
@@ -158,21 +183,15 @@ class BatchedBranchMessenger(Messenger):
         self.seen: list[str] = []
         self._flips: Optional[torch.Tensor] = None  # self.flips on the samples' device
 
-    def _pyro_sample(self, msg) -> None:
-        if msg["is_observed"] or msg["value"] is not None:
-            return
+    def _new_site(self, msg) -> None:
+        raise NotImplementedError(
+            f"Site '{msg['name']}' appeared in an antithetic branch but not in the base run: "
+            "the guide's structure depends on sampled values, which a vectorized pass "
+            "cannot follow; use vectorize_particles=False"
+        )
+
+    def _replay(self, msg, position: int) -> None:
         name = msg["name"]
-        if is_subsample_site(msg):
-            msg["value"] = self.base.values.get(name)  # None: a plate the guide lacks
-            return
-        position = self.base.position.get(name)
-        if position is None:
-            raise NotImplementedError(
-                f"Site '{name}' appeared in an antithetic branch but not in the base run: "
-                "the guide's structure depends on sampled values, which a vectorized pass "
-                "cannot follow; use vectorize_particles=False"
-            )
-        self.seen.append(name)
         base_value = self.base.values[name]
         if position < min(self.flips):  # before every flip: the same in every branch
             msg["value"] = base_value

@@ -55,7 +55,7 @@ from pyro.poutine.messenger import Messenger
 from pyro_arm.baselines import leave_one_out
 from pyro_arm.batching import batched_pass_errors, check_all_seen
 from pyro_arm.costs import CostMessenger, ReplayValuesMessenger, run_costs
-from pyro_arm.messengers import ARMSample, BaseSampleMessenger
+from pyro_arm.messengers import ARMSample, BaseSampleMessenger, BranchReplayMessenger
 from pyro_arm.multisample import arms, arms_lower_tail, arms_uniforms, rloo_weights
 from pyro_arm.particle import Particle
 from pyro_arm.signals import append_event_dims, select_branch
@@ -202,7 +202,7 @@ class CopulaSampleMessenger(BaseSampleMessenger):
         msg["value"] = z[0]
 
 
-class SampleSetMessenger(Messenger):
+class SampleSetMessenger(BranchReplayMessenger):
     """
     Replays a :class:`CopulaSampleMessenger` base run as the branches ``(site, k)``: sites
     before ``site`` at their base values (and the plates' subsamples), ``site`` at its sample
@@ -224,30 +224,23 @@ class SampleSetMessenger(Messenger):
     ) -> None:
         super().__init__()
         self.base = base
-        self.position = {name: i for i, name in enumerate(base.order)}
-        self.flips = [self.position[name] for name, _ in branches]
+        self.flips = [base.position[name] for name, _ in branches]
         self.ks = [k for _, k in branches]
         self.branch_dim = branch_dim
         self.seen: list[str] = []
         self.drawn: dict[str, torch.Tensor] = {}
 
-    def _pyro_sample(self, msg) -> None:
-        if msg["is_observed"] or msg["value"] is not None:
-            return
+    def _new_site(self, msg) -> None:
+        if self.branch_dim is not None:
+            raise NotImplementedError(
+                f"Site '{msg['name']}' appeared in a branch but not in the base run: the "
+                "guide's structure depends on sampled values, which a vectorized pass cannot "
+                "follow; use vectorize_particles=False"
+            )
+        # else a new site downstream of the flip: sampled afresh by Pyro
+
+    def _replay(self, msg, position: int) -> None:
         name = msg["name"]
-        if is_subsample_site(msg):
-            msg["value"] = self.base.values.get(name)
-            return
-        position = self.position.get(name)
-        if position is None:
-            if self.branch_dim is not None:
-                raise NotImplementedError(
-                    f"Site '{name}' appeared in a branch but not in the base run: the guide's "
-                    "structure depends on sampled values, which a vectorized pass cannot "
-                    "follow; use vectorize_particles=False"
-                )
-            return  # a new site downstream of the flip: sampled afresh
-        self.seen.append(name)
         copula = self.base.copulas.get(name)
         fn = msg["fn"]
         if self.branch_dim is None:
