@@ -36,7 +36,9 @@ and the copula pair :math:`(w, 1 - w)`, the samples, branches and gradient are D
 Model parameters get the gradient at the base run (``model_grad="base"``, the default) or its
 average over the base run and every branch (``model_grad="all"``: the branches' model
 log-densities go on the tape, with the guide's values detached, plus one more model run at the
-base run's detached values). Sites' own ``infer={"baseline": ...}`` options are not used.
+base run's detached values). A non-Bernoulli site's own ``infer={"baseline": ...}`` replaces
+its leave-one-out baseline: its weights are :math:`\frac1n (f_{s,k} - b)`, and a decaying
+average or a learned baseline is fed the mean of the :math:`n` signals.
 
 The reported loss is the :math:`-\mathrm{ELBO}` estimate averaged over every run: every
 branch's joint sample is marginally a sample of the guide.
@@ -52,7 +54,7 @@ from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.util import MultiFrameTensor
 from pyro.poutine.messenger import Messenger
 
-from pyro_arm.baselines import leave_one_out
+from pyro_arm.baselines import baseline_options, leave_one_out, site_baseline
 from pyro_arm.batching import batched_pass_errors, check_all_seen
 from pyro_arm.costs import CostMessenger, ReplayValuesMessenger, run_costs
 from pyro_arm.messengers import ARMSample, BaseSampleMessenger, BranchReplayMessenger
@@ -303,7 +305,7 @@ class _ARMSPass(TraceARM_ELBO):
     def loss_and_surrogate(self, model, guide, args, kwargs):
         particles = self._particles(model, guide, args, kwargs)
         per_particle = self.num_particles if self.vectorize_particles else 1
-        elbo = surrogate_elbo = 0.0
+        elbo = surrogate_elbo = baseline_loss = 0.0
         evaluations = 0
         for particle in particles:
             particle.track_dependencies()
@@ -311,8 +313,9 @@ class _ARMSPass(TraceARM_ELBO):
             elbo = elbo + particle.elbo() + sets.branch_elbo
             evaluations += per_particle * (1 + len(sets.branches))
             surrogate_elbo = surrogate_elbo + sets.surrogate_elbo()
+            baseline_loss = baseline_loss + sets.baseline_loss
         loss = -torch.as_tensor(elbo) / evaluations
-        surrogate_loss = -torch.as_tensor(surrogate_elbo) / self.num_particles
+        surrogate_loss = (baseline_loss - torch.as_tensor(surrogate_elbo)) / self.num_particles
         return loss, surrogate_loss, _trainable(particles)
 
 
@@ -337,6 +340,8 @@ class SampleSets:
         self.signals = {site: [run.costs.sum_to(self.frames[site])] for site in self.sites}
         self.draws: dict[str, list] = {site: [] for site in score}
         self.branch_elbo: torch.Tensor | float = 0.0
+        #: the loss that trains the sites' learned baselines (set by :meth:`surrogate_elbo`)
+        self.baseline_loss: torch.Tensor | float = 0.0
         if not self.branches:
             return
         if ctx.vectorized:
@@ -414,10 +419,25 @@ class SampleSets:
                 scale_and_mask(site["fn"].log_prob(value), site["scale"], site["mask"])
                 for value in self.draws[name]
             ]
-            weights = rloo_weights(_stack(self.signals[name], scores[0].dim(), 0)).detach()
+            weights = self._score_weights(
+                name, site, _stack(self.signals[name], scores[0].dim(), 0)
+            )
             for weight, score in zip(weights, scores):
                 surrogate = surrogate + (weight * score).sum()
         return surrogate
+
+    def _score_weights(self, name: str, site: dict, signals: torch.Tensor) -> torch.Tensor:
+        """
+        The weights of the ``n`` scores of a non-Bernoulli site: leave-one-out
+        (:func:`~pyro_arm.multisample.rloo_weights`), or ``(f_k - b) / n`` with the site's own
+        ``infer["baseline"]`` ``b`` (fed and trained by the mean of the ``n`` signals).
+        """
+        options = baseline_options(site)
+        if not options.any:
+            return rloo_weights(signals).detach()
+        baseline, loss = site_baseline(name, site, signals.mean(0), options)
+        self.baseline_loss = self.baseline_loss + loss
+        return ((signals - baseline) / signals.size(0)).detach()
 
 
 class _LogPMessenger(Messenger):

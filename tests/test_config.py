@@ -11,7 +11,7 @@ import pytest
 
 from pyro_arm.estimators import ESTIMATORS, Estimator, arm
 from pyro_arm.sbn.cli import build_parser, main
-from pyro_arm.sbn.config import ConfigError, TrainConfig, flag
+from pyro_arm.sbn.config import TRAJECTORY_FIELDS, ConfigError, TrainConfig, flag
 from pyro_arm.sbn.elbo import estimator_choices, make_elbo
 
 
@@ -98,8 +98,23 @@ def test_validate_num_samples(changes, message):
 def test_make_elbo_num_samples(estimator):
     elbo = make_elbo(estimator, 2, True, num_samples=3)
     assert (elbo.estimator.name, elbo.num_samples, elbo.num_particles) == (estimator, 3, 2)
-    with pytest.raises(ValueError, match="does not take num_samples"):
+    with pytest.raises(ValueError, match="takes neither num_samples"):
         make_elbo("trace", num_samples=3)
+
+
+def test_model_grad_option():
+    TrainConfig(estimator="arms", model_grad="all").validate()
+    for changes, message in [
+        ({"estimator": "disarm", "model_grad": "all"}, "--model-grad all: only with"),
+        ({"estimator": "arms", "model_grad": "every"}, "--model-grad: invalid choice"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(**changes).validate()
+    assert make_elbo("arms", num_samples=3, model_grad="all").model_grad == "all"
+    assert make_elbo("arms").model_grad == "base"
+    with pytest.raises(ValueError, match="takes neither"):
+        make_elbo("tracegraph", model_grad="all")
+    assert "model_grad" in TRAJECTORY_FIELDS
 
 
 @pytest.mark.parametrize("vectorize", [[], ["--vectorize"]])

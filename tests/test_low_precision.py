@@ -2,7 +2,8 @@
 """
 Low-precision logits (bfloat16, float16, and bfloat16 under ``torch.autocast`` on the CPU): the
 uniforms, the pair and the estimator weights are computed in float32, the costs and the ELBO are
-summed in float32, and gradients come back in the parameters' dtype.
+summed in float32, and gradients come back in the parameters' dtype; the same for the
+multi-sample estimators (RLOO, and ARMS with its copula drawn in float32).
 """
 
 import math
@@ -16,6 +17,7 @@ from pyro.infer import Trace_ELBO
 from pyro_arm import TraceARM_ELBO
 from pyro_arm.estimators import bernoulli_pair
 from pyro_arm.messengers import BaseSampleMessenger
+from pyro_arm.multisample_elbo import CopulaSampleMessenger
 from tests.exact import bonferroni_z, draw_estimates, exact_loss_and_grads
 
 LOW = [torch.bfloat16, torch.float16]
@@ -144,6 +146,32 @@ def test_gradients_unbiased(dtype, estimator):
     reference = tiny(torch.float64)
     mean, exact, se = assert_gradients_unbiased(elbo, model, guide, *reference, calls=50)
     assert (exact.abs() > 10 * se).all(), "the check would have no power"
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("estimator", ["rloo", "arms"])
+def test_multisample_gradients_unbiased(dtype, estimator):
+    elbo = TraceARM_ELBO(
+        num_particles=200, vectorize_particles=True, estimator=estimator, num_samples=3
+    )
+    model, guide = tiny(dtype)
+    reference = tiny(torch.float64)
+    mean, exact, se = assert_gradients_unbiased(elbo, model, guide, *reference, calls=50)
+    assert (exact.abs() > 10 * se).all(), "the check would have no power"
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("logits", [-12.0, 12.0])
+def test_copula_sampling_probabilities_at_logits(dtype, logits):
+    """Every one of the n = 3 copula samples is Bernoulli(sigmoid(logits)): the copula's
+    uniforms are ordered and compared in float32, not in the logits' dtype."""
+    sampler = CopulaSampleMessenger(3)
+    sampler(site_guide(dtype, logits=logits))()
+    (copula,) = sampler.copulas.values()
+    assert copula.z.dtype == dtype and copula.v.dtype == torch.float32
+    p = torch.sigmoid(torch.tensor(logits, dtype=torch.float64)).item()
+    for z in copula.z:
+        assert_binomial(z, p)
 
 
 def test_gradient_in_the_parameters_dtype():

@@ -2,7 +2,7 @@
 """
 TraceARM_ELBO with the multi-sample estimators (pyro_arm/multisample_elbo.py): validation of
 ``num_samples``, unbiasedness against exact enumeration on every tiny model for n = 2, 3, 4
-(vectorized; sequential on a representative subset), the checker's power against a wrong
+(vectorized and sequential), the checker's power against a wrong
 copula weight, ARMS-2 = DisARM, and gradient variance at equal evaluations. Everything runs
 in float64.
 """
@@ -13,6 +13,7 @@ import torch
 from pyro.infer import TraceGraph_ELBO
 
 from pyro_arm import TraceARM_ELBO, multisample, multisample_elbo
+from tests import tiny_models
 from tests.exact import assert_unbiased, draw_estimates
 from tests.tiny_models import CASES
 
@@ -59,14 +60,9 @@ def test_unbiased_fast(case, estimator, vectorize):
     assert_unbiased(elbo, model, guide, args, num_samples=num_samples, seed=0)
 
 
-# The full grid runs vectorized (one batched pass per call). Sequential runs take the same
-# code paths one branch at a time and cost ~10x the time per sample, so they cover a
-# representative subset: dependent layers, subsampling, a Categorical beside Bernoullis, and a
-# reparameterized site coupled into Bernoulli logits. Tolerances are assert_unbiased's (from
-# the measured standard errors), unchanged.
-SEQUENTIAL = ["three_layer", "subsampled", "categorical_bernoulli", "normal_then_bernoulli"]
-
-
+# The full grid, both modes: vectorized (one batched pass per call, 20 particles) and
+# sequential (one branch at a time, ~10x the time per sample, so 200 single-particle calls).
+# Tolerances are assert_unbiased's (from the measured standard errors).
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 3, 4])
 @pytest.mark.parametrize("estimator", ["rloo", "arms"])
@@ -78,11 +74,12 @@ def test_unbiased_vectorized(case, estimator, n):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("n", [2, 3, 4])
 @pytest.mark.parametrize("estimator", ["rloo", "arms"])
-@pytest.mark.parametrize("case", SEQUENTIAL)
-def test_unbiased_sequential(case, estimator):
+@pytest.mark.parametrize("case", list(CASES))
+def test_unbiased_sequential(case, estimator, n):
     model, guide, args = CASES[case]()
-    elbo, num_samples = _elbo(estimator, False, 3)
+    elbo, num_samples = _elbo(estimator, False, n)
     assert_unbiased(elbo, model, guide, args, num_samples=num_samples, seed=1)
 
 
@@ -158,3 +155,80 @@ def test_model_grad_all_changes_only_model_params(vectorize):
     model_cols = [i for i, name in enumerate(labels) if name.startswith(("prior", "w"))]
     torch.testing.assert_close(grads["all"][:, guide_cols], grads["base"][:, guide_cols])
     assert not torch.allclose(grads["all"][:, model_cols], grads["base"][:, model_cols])
+
+
+# (vectorize_particles, num_particles, num_samples) for the site-baseline checks
+BASELINE_MODES = [(False, 1, 800), (True, 100, 6000)]
+BASELINE_PARAMS = ["cl", "zl"]  # a learned baseline's own params have their own loss
+BASELINE_KINDS = ["decaying_avg", "value", "nn"]
+
+
+@pytest.mark.parametrize(
+    "kind, mode",
+    [("decaying_avg", BASELINE_MODES[0])] + [(k, BASELINE_MODES[1]) for k in BASELINE_KINDS],
+    ids=["decaying_avg-seq", "decaying_avg-vec", "value-vec", "nn-vec"],
+)
+def test_arms_uses_site_baseline_unbiased(kind, mode):
+    """A Categorical's own infer["baseline"] replaces its leave-one-out baseline under ARMS."""
+    vectorize, num_particles, num_samples = mode
+    model, guide, args = tiny_models.categorical_in_plate(kind)
+    elbo = TraceARM_ELBO(
+        estimator="arms",
+        num_samples=3,
+        num_particles=num_particles,
+        vectorize_particles=vectorize,
+    )
+    calls = []
+    original = multisample_elbo.site_baseline
+
+    def spy(*a, **k):
+        calls.append(a[0])
+        return original(*a, **k)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(multisample_elbo, "site_baseline", spy)
+        assert_unbiased(
+            elbo, model, guide, args, num_samples=num_samples, seed=0, params=BASELINE_PARAMS
+        )
+    assert calls and set(calls) == {"c"}
+
+
+def test_checker_rejects_site_baseline_including_own_sample(monkeypatch):
+    """A baseline equal to the mean of the n signals (each sample's own included) is biased
+    (the weights are computed alike in both modes: checked vectorized)."""
+    vectorize = True
+    monkeypatch.setattr(
+        multisample_elbo, "site_baseline", lambda name, site, signal, options: (signal, 0.0)
+    )
+    model, guide, args = tiny_models.categorical_in_plate("value")
+    elbo = TraceARM_ELBO(
+        estimator="arms",
+        num_samples=2,
+        num_particles=100 if vectorize else 1,
+        vectorize_particles=vectorize,
+    )
+    with pytest.raises(AssertionError, match=r"biased components \[.*'cl\["):
+        assert_unbiased(elbo, model, guide, args, num_samples=6000 if vectorize else 1500, seed=0)
+
+
+def test_arms_trains_nn_baseline(monkeypatch):
+    """Under ARMS the registered baseline module gets its squared-error loss and learns."""
+    errors = []
+    original = multisample_elbo.site_baseline
+
+    def capture(*args, **kwargs):
+        baseline, loss = original(*args, **kwargs)
+        errors.append(loss.item())
+        return baseline, loss
+
+    monkeypatch.setattr(multisample_elbo, "site_baseline", capture)
+    model, guide, args = tiny_models.categorical_in_plate("nn")
+    elbo = TraceARM_ELBO(
+        estimator="arms", num_samples=3, num_particles=50, vectorize_particles=True
+    )
+    svi = pyro.infer.SVI(model, guide, pyro.optim.SGD({"lr": 0.01}), elbo)
+    for _ in range(60):
+        svi.step(*args)
+    assert {"c_baseline$$$linear.weight"} <= set(pyro.get_param_store().keys())
+    first, last = sum(errors[:10]) / 10, sum(errors[-10:]) / 10
+    assert last < 0.5 * first, (first, last)

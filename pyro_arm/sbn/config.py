@@ -21,7 +21,7 @@ import torch
 
 from pyro_arm.estimators import ESTIMATORS, check_num_samples
 from pyro_arm.sbn.data import BINARIZATIONS
-from pyro_arm.sbn.elbo import estimator_choices
+from pyro_arm.sbn.elbo import MODEL_GRADS, estimator_choices
 from pyro_arm.sbn.models import ARCHITECTURES, parse_architecture
 
 #: Config fields that fix the training trajectory; a resumed run may not change them.
@@ -36,6 +36,7 @@ TRAJECTORY_FIELDS = (
     "num_particles",
     "vectorize",
     "num_samples",
+    "model_grad",
 )
 
 
@@ -172,6 +173,12 @@ class TrainConfig:
         type=int,
         check=_positive_int,
     )
+    model_grad: str = option(
+        "base",
+        "model-parameter gradient of arms: base (at the base sample) or all (averaged over "
+        "every evaluated sample)",
+        choices=lambda: MODEL_GRADS,
+    )
     eval_every: int = option(
         1000, "steps between validation -ELBO rows", type=int, check=_positive_int
     )
@@ -213,6 +220,8 @@ class TrainConfig:
                 raise ConfigError(f"{flag('num_samples')}: {e}") from None
         elif self.num_samples is not None:
             raise ConfigError(f"{flag('num_samples')}: {self.estimator} does not take it")
+        if self.model_grad != "base" and self.estimator != "arms":
+            raise ConfigError(f"{flag('model_grad')} {self.model_grad}: only with --estimator arms")
 
 
 def _document_fields(cls: type) -> None:

@@ -17,6 +17,9 @@ from pyro_arm.trace_arm_elbo import TraceARM_ELBO
 #: Pyro's own ELBOs, selectable by name beside the ARM family.
 PYRO_BASELINES: dict[str, type] = {"trace": Trace_ELBO, "tracegraph": TraceGraph_ELBO}
 
+#: The ``model_grad`` choices of :class:`~pyro_arm.TraceARM_ELBO` (``"all"`` with ``"arms"`` only).
+MODEL_GRADS: tuple[str, ...] = ("base", "all")
+
 
 def estimator_choices() -> tuple[str, ...]:
     """
@@ -31,6 +34,7 @@ def make_elbo(
     num_particles: int = 1,
     vectorize: bool = False,
     num_samples: Optional[int] = None,
+    model_grad: str = "base",
 ) -> ELBO:
     """
     The ELBO object for an estimator name (one plate: the data plate at dim -1).
@@ -39,14 +43,17 @@ def make_elbo(
     :param num_particles: particles per step.
     :param vectorize: vectorize the particles (and, for the ARM family, the antithetic branches).
     :param num_samples: samples per estimate of a multi-sample estimator (``rloo``, ``arms``).
+    :param model_grad: ``"base"`` or, with ``arms``, ``"all"`` (:class:`~pyro_arm.TraceARM_ELBO`).
     :raises ValueError: for an unknown name, or a ``num_samples`` the estimator does not take.
     """
     kwargs = dict(num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=1)
     if estimator in ESTIMATORS:
-        return TraceARM_ELBO(estimator=estimator, num_samples=num_samples, **kwargs)
+        return TraceARM_ELBO(
+            estimator=estimator, num_samples=num_samples, model_grad=model_grad, **kwargs
+        )
     if estimator in PYRO_BASELINES:
-        if num_samples is not None:
-            raise ValueError(f"estimator {estimator!r} does not take num_samples")
+        if num_samples is not None or model_grad != "base":
+            raise ValueError(f"estimator {estimator!r} takes neither num_samples nor model_grad")
         return PYRO_BASELINES[estimator](**kwargs)
     raise ValueError(
         f"unknown estimator {estimator!r}; expected one of {', '.join(estimator_choices())}"

@@ -171,7 +171,13 @@ def _build(config: TrainConfig) -> _Run:
         raise ConfigError(
             f"--model {config.model} does not fit in memory ({e}); choose smaller layers"
         ) from None
-    elbo = make_elbo(config.estimator, config.num_particles, config.vectorize, config.num_samples)
+    elbo = make_elbo(
+        config.estimator,
+        config.num_particles,
+        config.vectorize,
+        config.num_samples,
+        config.model_grad,
+    )
     stream = _TrainStream(data, config.batch_size, config.seed, device, ranks)
     x_valid = data.fixed("valid", seed=0).to(device)
     step_loss = distributed.step_function(ranks, sbn, elbo)
