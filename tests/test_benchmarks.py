@@ -191,6 +191,22 @@ def test_quality_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_estimator_quality_smoke(tmp_path):
+    root = tmp_path / "runs"
+    args = ["--quick", "--run-root", str(root), "--configs", "disarm1", "arms2all"]
+    out, record = run_script("estimator_quality", *args, tmp_path=tmp_path)
+    assert "| disarm1 | 2 |" in out and "| arms2all | 2 |" in out
+    assert all(r["test_neg_elbo"] > 0 and r["test_neg_iw"] > 0 for r in record["runs"].values())
+    config = json.loads((root / "arms2all" / "config.json").read_text())["config"]
+    assert (config["estimator"], config["model_grad"]) == ("arms", "all")
+    # a second call tabulates the finished runs, and refuses a folder made otherwise
+    again, _ = run_script("estimator_quality", *args, tmp_path=tmp_path)
+    assert again.splitlines()[:8] == out.splitlines()[:8]
+    with pytest.raises(AssertionError, match="other settings"):
+        run_script("estimator_quality", *args, "--seed", "1", tmp_path=tmp_path)
+
+
+@pytest.mark.slow
 def test_ddp_step_time_smoke(tmp_path):
     out, record = run_script("ddp_step_time", "--quick", tmp_path=tmp_path)
     assert "| processes | steps/s |" in out
