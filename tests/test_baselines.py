@@ -10,7 +10,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_arm import TraceARM_ELBO, trace_arm_elbo
+from pyro_arm import TraceARM_ELBO, multisample_elbo, trace_arm_elbo
 from pyro_arm.baselines import (
     BaselineOptions,
     baseline_options,
@@ -100,20 +100,26 @@ def test_checker_rejects_baseline_including_own_particle(vectorize, monkeypatch)
         assert_unbiased(elbo, model, guide, args, num_samples=4000, seed=0)
 
 
-def test_nn_baseline_is_registered_and_trained(monkeypatch):
+@pytest.mark.parametrize(
+    "module, options",
+    [(trace_arm_elbo, {}), (multisample_elbo, {"estimator": "arms", "num_samples": 3})],
+    ids=["arm", "arms"],
+)
+def test_nn_baseline_is_registered_and_trained(module, options, monkeypatch):
     """The module registered with pyro.module gets the gradient of its squared-error loss, and
-    a few steps bring the baseline closer to the signal."""
+    a few steps bring the baseline closer to the signal (ARMS: a non-Bernoulli site's own
+    baseline replaces its leave-one-out one)."""
     errors = []
-    original = trace_arm_elbo.site_baseline
+    original = module.site_baseline
 
     def capture(*args, **kwargs):
         baseline, loss = original(*args, **kwargs)
         errors.append(loss.item())
         return baseline, loss
 
-    monkeypatch.setattr(trace_arm_elbo, "site_baseline", capture)
+    monkeypatch.setattr(module, "site_baseline", capture)
     model, guide, args = tiny_models.categorical_in_plate("nn")
-    elbo = TraceARM_ELBO(num_particles=50, vectorize_particles=True)
+    elbo = TraceARM_ELBO(num_particles=50, vectorize_particles=True, **options)
     svi = pyro.infer.SVI(model, guide, pyro.optim.SGD({"lr": 0.01}), elbo)
     for _ in range(60):
         svi.step(*args)

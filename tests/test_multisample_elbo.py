@@ -209,26 +209,3 @@ def test_checker_rejects_site_baseline_including_own_sample(monkeypatch):
     )
     with pytest.raises(AssertionError, match=r"biased components \[.*'cl\["):
         assert_unbiased(elbo, model, guide, args, num_samples=6000 if vectorize else 1500, seed=0)
-
-
-def test_arms_trains_nn_baseline(monkeypatch):
-    """Under ARMS the registered baseline module gets its squared-error loss and learns."""
-    errors = []
-    original = multisample_elbo.site_baseline
-
-    def capture(*args, **kwargs):
-        baseline, loss = original(*args, **kwargs)
-        errors.append(loss.item())
-        return baseline, loss
-
-    monkeypatch.setattr(multisample_elbo, "site_baseline", capture)
-    model, guide, args = tiny_models.categorical_in_plate("nn")
-    elbo = TraceARM_ELBO(
-        estimator="arms", num_samples=3, num_particles=50, vectorize_particles=True
-    )
-    svi = pyro.infer.SVI(model, guide, pyro.optim.SGD({"lr": 0.01}), elbo)
-    for _ in range(60):
-        svi.step(*args)
-    assert {"c_baseline$$$linear.weight"} <= set(pyro.get_param_store().keys())
-    first, last = sum(errors[:10]) / 10, sum(errors[-10:]) / 10
-    assert last < 0.5 * first, (first, last)

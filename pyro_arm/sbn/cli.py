@@ -55,8 +55,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         meta = field.metadata
         default = "" if field.default is None else f" (default {field.default})"
         kwargs = dict(dest=field.name, default=None, help=meta["help"] + default)
-        if meta["type"] is bool:
-            parser.add_argument(flag(field.name), action="store_true", **kwargs)
+        if meta["type"] is bool:  # --flag / --no-flag
+            parser.add_argument(flag(field.name), action=argparse.BooleanOptionalAction, **kwargs)
             continue
         metavar = meta["metavar"]
         if meta["choices"] is not None:  # read now: a newly registered estimator shows up
