@@ -13,6 +13,8 @@ every sampled site it was computed from, directly or through other sites.
 gradient, holding every sampled value (plate subsamples included) at its value in the run. It is
 only needed for models that have score-function sites or a guide site sampled after, and outside
 a plate of, an earlier one; :func:`needs_dependencies` tells, from the run's guide trace alone.
+Runs of one call with the same :func:`structure_key` share one replay while it reads no value into
+Python (:meth:`pyro_arm.particle.Particle.track_dependencies`).
 
 Provenance follows values, not Python control flow (``if c == 1:`` sampling a site); the sites
 whose values are read as Python numbers or bools (``.item()``, ``bool``, ``int``, ``float``,
@@ -116,6 +118,18 @@ def needs_dependencies(guide_trace: Trace, arm_sites) -> bool:
             vectorized = {f for f in stack if f.vectorized}
             frames_so_far = vectorized if frames_so_far is None else frames_so_far | vectorized
     return False
+
+
+def structure_key(guide_trace: Trace) -> tuple:
+    """
+    The structure of a run, as far as its dependencies can tell runs apart: each sampled guide
+    site's name, value shape and plates, in order.
+    """
+    return tuple(
+        (name, tuple(site["value"].shape), tuple(site["cond_indep_stack"]))
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    )
 
 
 def trace_dependencies(model, guide, values: dict, args, kwargs) -> Dependencies:

@@ -25,7 +25,12 @@ from pyro.poutine import Trace
 
 from pyro_arm.batching import batched_pass_errors, check_all_seen
 from pyro_arm.costs import CostMessenger, costs_of, run_costs, trace_cost_terms
-from pyro_arm.dependencies import Dependencies, needs_dependencies, trace_dependencies
+from pyro_arm.dependencies import (
+    Dependencies,
+    needs_dependencies,
+    structure_key,
+    trace_dependencies,
+)
 from pyro_arm.estimators import Estimator
 from pyro_arm.messengers import BaseSampleMessenger, BatchedBranchMessenger, BranchMessenger
 from pyro_arm.signals import append_event_dims, local_signal, select_branch, signal_frames
@@ -45,6 +50,9 @@ class ParticleContext(NamedTuple):
     :param branch_dim: when vectorized, the dim of the plate over branches: left of every plate
         of the model, the particles' plate (at ``-max_plate_nesting``) included, so that
         ``-max_plate_nesting - 1``; ``None``: every pass runs unbatched, branches one by one.
+    :param known_dependencies: the :class:`~pyro_arm.dependencies.Dependencies` traced so far in
+        the call, by :func:`~pyro_arm.dependencies.structure_key`; only runs whose replay read no
+        value into Python are kept (see :meth:`Particle.track_dependencies`).
     """
 
     model: Callable
@@ -53,6 +61,7 @@ class ParticleContext(NamedTuple):
     kwargs: dict
     estimator: Estimator
     branch_dim: Optional[int]
+    known_dependencies: dict
 
     @property
     def vectorized(self) -> bool:
@@ -98,12 +107,24 @@ class Particle:
         return torch.as_tensor(sum(value.sum() for value in self.costs.values()))
 
     def track_dependencies(self) -> None:
-        """Traces the run's dependencies, for runs whose signals need them."""
-        if needs_dependencies(self.guide_trace, self.arm_sites):
-            ctx = self.context
+        """
+        Traces the run's dependencies, for runs whose signals need them. A run of the same
+        structure as an earlier run of the call reuses its dependencies when that run's replay
+        read no value into Python: its control flow did not depend on the sampled values, so
+        neither do the dependencies (the sequential particles, and the n samples of ``"rloo"``,
+        then cost one replay per call instead of one each).
+        """
+        if not needs_dependencies(self.guide_trace, self.arm_sites):
+            return
+        ctx = self.context
+        key = structure_key(self.guide_trace)
+        self.dependencies = ctx.known_dependencies.get(key)
+        if self.dependencies is None:
             self.dependencies = trace_dependencies(
                 ctx.model, ctx.guide, self.sampler.values, ctx.args, ctx.kwargs
             )
+            if not self.dependencies.control:
+                ctx.known_dependencies[key] = self.dependencies
 
     def score_sites(self) -> list[str]:
         """The guide's score-function sites: sampled, not ARM, not reparameterized."""

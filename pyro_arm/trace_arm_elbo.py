@@ -161,7 +161,7 @@ class TraceARM_ELBO(ELBO):
             guide = self._vectorized_num_particles(guide)
             # left of every plate of the model, the particles' plate (-max_plate_nesting) included
             branch_dim = -self.max_plate_nesting - 1
-        return ParticleContext(model, guide, args, kwargs, self.estimator, branch_dim)
+        return ParticleContext(model, guide, args, kwargs, self.estimator, branch_dim, {})
 
     def _sampler(self) -> BaseSampleMessenger:
         """The handler that samples a base run's ARM sites (the multi-sample passes swap it)."""

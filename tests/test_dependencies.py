@@ -144,3 +144,33 @@ def test_checker_rejects_provenance_only_signal_under_control_flow(monkeypatch):
     model, guide, args = tiny_models.categorical_switch()
     with pytest.raises(AssertionError, match=r"biased components \[.*'cl\["):
         assert_unbiased(TraceARM_ELBO(num_particles=1), model, guide, args, num_samples=2000)
+
+
+def _count_replays(monkeypatch) -> list:
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return trace_dependencies(*args, **kwargs)
+
+    monkeypatch.setattr(particle, "trace_dependencies", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "options", [{"num_particles": 3}, {"estimator": "rloo", "num_samples": 4}], ids=["P3", "rloo4"]
+)
+def test_one_replay_per_call_without_control_flow_reads(options, monkeypatch):
+    """Sequential runs of one structure share the replay of the first (no Python reads)."""
+    calls = _count_replays(monkeypatch)
+    model, guide, args = tiny_models.categorical_in_plate()
+    TraceARM_ELBO(**options).loss_and_grads(model, guide, *args)
+    assert len(calls) == 1
+
+
+def test_replay_per_run_under_control_flow_reads(monkeypatch):
+    """A run whose replay read a value into Python is never reused: each run has its own."""
+    calls = _count_replays(monkeypatch)
+    model, guide, args = tiny_models.categorical_switch()
+    TraceARM_ELBO(num_particles=3).loss_and_grads(model, guide, *args)
+    assert len(calls) == 3
