@@ -126,14 +126,23 @@ MULTI_SAMPLE_ESTIMATORS = ("rloo", "arms")
 MULTI_SAMPLE_SIZES = (2, 4, 8)
 
 
+#: ``<estimator><n>[all]``: a multi-sample contender's name before its mode (``all``: ARMS with
+#: ``model_grad="all"``).
+_MULTI_SAMPLE = re.compile(r"(rloo|arms)(\d+)(all)?")
+
+
 def pyro_loss(kind: str, num_particles: int = 1):
     """A Pyro ELBO: ``trace_elbo``, ``tracegraph_elbo``, ``<estimator>_seq`` or ``_vec``, or a
-    multi-sample ``<estimator><n>_seq`` / ``_vec`` (``rloo4_vec``: RLOO with 4 samples)."""
+    multi-sample ``<estimator><n>_seq`` / ``_vec`` (``rloo4_vec``: RLOO with 4 samples;
+    ``arms4all_vec``: ARMS with 4 samples and ``model_grad="all"``)."""
     name, mode = kind.rsplit("_", 1)
-    multi = re.fullmatch(r"(rloo|arms)(\d+)", name)
+    multi = _MULTI_SAMPLE.fullmatch(name)
     if multi:
         estimator, n = multi.group(1), int(multi.group(2))
-        return make_elbo(estimator, num_particles, vectorize=(mode == "vec"), num_samples=n)
+        model_grad = "all" if multi.group(3) else "base"
+        return make_elbo(
+            estimator, num_particles, (mode == "vec"), num_samples=n, model_grad=model_grad
+        )
     return make_elbo(name, num_particles, vectorize=(mode == "vec"))
 
 
@@ -147,13 +156,15 @@ def model_evaluations(name: str, num_layers: int, num_particles: int = 1) -> int
     """
     Runs of model and guide behind one gradient of contender ``name`` on an SBN with
     ``num_layers`` stochastic layers: ARM / DisARM ``T + 1`` per particle (2 for one layer),
-    AR and Pyro's ELBOs 1, RLOO-n ``n``, ARMS-n ``1 + T (n - 1)`` (``n`` for one layer).
+    AR and Pyro's ELBOs 1, RLOO-n ``n``, ARMS-n ``1 + T (n - 1)`` (``n`` for one layer), and one
+    more (a run of the model alone) for ARMS with ``model_grad="all"``.
     """
     estimator = name.rsplit("_", 1)[0].removeprefix("plain_").removeprefix("storch_")
-    multi = re.fullmatch(r"(rloo|arms)(\d+)", estimator)
+    multi = _MULTI_SAMPLE.fullmatch(estimator)
     if multi:
         n = int(multi.group(2))
         per_particle = n if multi.group(1) == "rloo" else 1 + num_layers * (n - 1)
+        per_particle += bool(multi.group(3))
     elif estimator in ("arm", "disarm"):
         per_particle = num_layers + 1
     else:
@@ -167,6 +178,7 @@ def available_contenders(include_plain: bool = True, include_peers: bool = True)
     names = ["trace_elbo", "tracegraph_elbo"]
     names += [f"{e}_{m}" for m in ("seq", "vec") for e in ESTIMATORS]
     names += [f"{e}{n}_vec" for e in MULTI_SAMPLE_ESTIMATORS for n in MULTI_SAMPLE_SIZES]
+    names += [f"arms{n}all_vec" for n in MULTI_SAMPLE_SIZES]
     if include_plain:
         names += [f"plain_{e}" for e in ESTIMATORS]
     if include_peers and storch_arm.unavailable_reason() is None:

@@ -227,3 +227,9 @@ def test_multi_sample_contenders_and_evaluations():
     assert evals == {"arm_vec": 3, "rloo4_vec": 4, "arms4_vec": 7}
     assert common.model_evaluations("arms4_vec", 1) == common.model_evaluations("rloo4_vec", 1)
     assert common.model_evaluations("disarm_vec", 1, num_particles=2) == 4
+    for n in (2, 4, 8):
+        assert f"arms{n}all_vec" in names
+    elbo = common.pyro_loss("arms4all_vec")
+    assert (elbo.estimator.name, elbo.num_samples, elbo.model_grad) == ("arms", 4, "all")
+    assert common.pyro_loss("arms4_vec").model_grad == "base"
+    assert common.model_evaluations("arms4all_vec", 1) == 5
