@@ -9,11 +9,13 @@ model evaluations per step, the validation -ELBO at half the steps and at the en
     python -m benchmarks.estimator_quality --data ../shared/data/mnist --steps 100000
 
 Configurations (``--configs``): ``arm1``, ``disarm1`` (one particle, 2 evaluations per step),
-``disarm2p`` (two particles), ``rloo4``, ``arms4`` (4 evaluations), and ``arms2all``,
-``arms4all`` (ARMS with ``--model-grad all``: the decoder and prior gradient averaged over every
-evaluated sample; ARMS-2 is DisARM). Each runs in ``<run-root>/<name>``; a folder that already
-holds ``summary.json`` is tabulated, not run again, after checking that its config matches; an
-interrupted run is resumed. ``ms/step`` is wall time with ``--jobs`` runs sharing the machine.
+``disarm2p`` (two particles), ``rloo4``, ``arms4`` (4 evaluations; ARMS with
+``--model-grad base``: the decoder and prior gradient at the base sample), and ``arms2all``,
+``arms4all`` (ARMS with ``--model-grad all``, the default: that gradient averaged over every
+evaluated sample; ARMS-2 with ``base`` is DisARM). Each runs in ``<run-root>/<name>``; a
+folder that already holds ``summary.json`` is tabulated, not run again, after checking that its
+config matches; an interrupted run is resumed. ``ms/step`` is wall time with ``--jobs`` runs
+sharing the machine.
 
 Prints a markdown table and one JSON line (``--json-out`` writes it too).
 """
@@ -35,7 +37,7 @@ CONFIGS: dict[str, tuple[list[str], int]] = {
     "disarm1": (["--estimator", "disarm"], 2),
     "disarm2p": (["--estimator", "disarm", "--num-particles", "2"], 4),
     "rloo4": (["--estimator", "rloo", "--num-samples", "4"], 4),
-    "arms4": (["--estimator", "arms", "--num-samples", "4"], 4),
+    "arms4": (["--estimator", "arms", "--num-samples", "4", "--model-grad", "base"], 4),
     "arms2all": (["--estimator", "arms", "--num-samples", "2", "--model-grad", "all"], 2),
     "arms4all": (["--estimator", "arms", "--num-samples", "4", "--model-grad", "all"], 4),
 }

@@ -32,13 +32,14 @@ Bernoulli sites, and RLOO (:func:`~pyro_arm.multisample.rloo_weights` times
 others. Cost: :math:`1 + T(n - 1)` runs for :math:`T` non-reparameterized guide sites; with
 ``vectorize_particles=True`` the base runs of all particles are one batched pass and all
 :math:`T(n-1)` branches of all particles one more, off the gradient tape. For :math:`n = 2`
-and the copula pair :math:`(w, 1 - w)`, the samples, branches and gradient are DisARM's.
-Model parameters get the gradient at the base run (``model_grad="base"``, the default) or its
-average over the base run and every branch (``model_grad="all"``: the branches' model
-log-densities go on the tape, with the guide's values detached, plus one more model run at the
-base run's detached values). A non-Bernoulli site's own ``infer={"baseline": ...}`` replaces
-its leave-one-out baseline: its weights are :math:`\frac1n (f_{s,k} - b)`, and a decaying
-average or a learned baseline is fed the mean of the :math:`n` signals.
+and the copula pair :math:`(w, 1 - w)`, the samples, branches and guide gradient are DisARM's
+(with ``model_grad="base"``, the whole gradient). Model parameters get the gradient at the base
+run (``model_grad="base"``) or its average over the base run and every branch
+(``model_grad="all"``, the default: the branches' model log-densities go on the tape, with the
+guide's values detached, plus one more model run at the base run's detached values). A
+non-Bernoulli site's own ``infer={"baseline": ...}`` replaces its leave-one-out baseline: its
+weights are :math:`\frac1n (f_{s,k} - b)`, and a decaying average or a learned baseline is fed
+the mean of the :math:`n` signals.
 
 The reported loss is the :math:`-\mathrm{ELBO}` estimate averaged over every run: every
 branch's joint sample is marginally a sample of the guide.

@@ -92,8 +92,9 @@ class TraceARM_ELBO(ELBO):
         described in :mod:`pyro_arm.multisample_elbo`.
     :param int num_samples: samples inside one estimate of ``"rloo"`` / ``"arms"`` (``>= 2``,
         default 2); not accepted by the other estimators.
-    :param str model_grad: with ``"arms"``: ``"base"`` (default) gives model parameters the
-        gradient at the base run, ``"all"`` its average over every run (base and branches).
+    :param str model_grad: ``"base"`` gives model parameters the gradient at the base run;
+        ``"all"`` (``"arms"`` only) its average over every run (base and branches). Default:
+        ``"all"`` for ``"arms"`` (measured better in training, see the README), else ``"base"``.
     :param kwargs: other keyword arguments of :class:`~pyro.infer.elbo.ELBO`.
 
     References
@@ -112,7 +113,7 @@ class TraceARM_ELBO(ELBO):
         vectorize_particles: bool = False,
         estimator: str = "arm",
         num_samples: Optional[int] = None,
-        model_grad: str = "base",
+        model_grad: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(num_particles, numbers.Integral) or num_particles < 1:
@@ -120,6 +121,8 @@ class TraceARM_ELBO(ELBO):
         self.estimator = get_estimator(estimator)
         # --- multi-sample estimators (issue 8): see pyro_arm.multisample_elbo
         self.num_samples = check_num_samples(self.estimator, num_samples)
+        if model_grad is None:
+            model_grad = "all" if estimator == "arms" else "base"
         if model_grad not in ("base", "all") or (model_grad == "all" and estimator != "arms"):
             raise ValueError(
                 f"model_grad must be 'base', or 'all' with estimator='arms'; got {model_grad!r}"

@@ -62,7 +62,7 @@ def test_train_end_to_end(tmp_path, capsys):
     assert 50 < summary["test_iwae"] < 400 and 50 < summary["test_elbo"] < 400
     assert "test -ELBO" in out and "steps/s" in out
     config = json.loads((run / "config.json").read_text())
-    assert config["config"]["model"] == "linear" and config["config"]["estimator"] == "arm"
+    assert config["config"]["model"] == "linear" and config["config"]["estimator"] == "disarm"
     assert config["data"]["num_train"] == 10_000
     rows = metrics(run)
     assert [int(r["step"]) for r in rows] == [3, 6]

@@ -104,14 +104,16 @@ def test_make_elbo_num_samples(estimator):
 
 def test_model_grad_option():
     TrainConfig(estimator="arms", model_grad="all").validate()
+    TrainConfig(estimator="disarm", model_grad="base").validate()
     for changes, message in [
         ({"estimator": "disarm", "model_grad": "all"}, "--model-grad all: only with"),
         ({"estimator": "arms", "model_grad": "every"}, "--model-grad: invalid choice"),
     ]:
         with pytest.raises(ConfigError, match=message):
             TrainConfig(**changes).validate()
-    assert make_elbo("arms", num_samples=3, model_grad="all").model_grad == "all"
-    assert make_elbo("arms").model_grad == "base"
+    assert make_elbo("arms", num_samples=3, model_grad="base").model_grad == "base"
+    assert make_elbo("arms").model_grad == "all"  # TraceARM_ELBO's default for arms
+    assert make_elbo("disarm").model_grad == "base"
     with pytest.raises(ValueError, match="takes neither"):
         make_elbo("tracegraph", model_grad="all")
     assert "model_grad" in TRAJECTORY_FIELDS

@@ -35,6 +35,9 @@ def test_num_samples_rejected_by_other_estimators(estimator):
 
 def test_num_samples_default():
     assert TraceARM_ELBO(estimator="arms").num_samples == 2
+    assert TraceARM_ELBO(estimator="arms").model_grad == "all"  # the measured default
+    assert TraceARM_ELBO(estimator="rloo").model_grad == "base"
+    assert TraceARM_ELBO(estimator="arms", model_grad="base").model_grad == "base"
     assert TraceARM_ELBO(estimator="rloo", num_samples=5).num_samples == 5
     assert TraceARM_ELBO(estimator="disarm").num_samples is None
 
@@ -114,7 +117,7 @@ def test_arms_two_samples_is_disarm(case, vectorize, monkeypatch):
     rows = []
     for elbo in (
         TraceARM_ELBO(estimator="disarm", **kwargs),
-        TraceARM_ELBO(estimator="arms", num_samples=2, **kwargs),
+        TraceARM_ELBO(estimator="arms", num_samples=2, model_grad="base", **kwargs),
     ):
         pyro.set_rng_seed(5)
         _, samples = draw_estimates(elbo, model, guide, args, {}, 5)
@@ -133,10 +136,11 @@ def test_model_grad_validation(estimator, model_grad):
 
 @pytest.mark.parametrize("vectorize", [False, True], ids=["seq", "vec"])
 @pytest.mark.parametrize("case", ["one_layer", "subsampled", "bernoulli_then_normal"])
-def test_model_grad_all_unbiased(case, vectorize):
+def test_model_grad_base_unbiased(case, vectorize):
+    """``model_grad="base"`` (the grids above run the default, ``"all"``)."""
     model, guide, args = CASES[case]()
     elbo, num_samples = _elbo("arms", vectorize, 3)
-    elbo.model_grad = "all"
+    elbo.model_grad = "base"
     assert_unbiased(elbo, model, guide, args, num_samples=num_samples, seed=2)
 
 

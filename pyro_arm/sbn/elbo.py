@@ -34,7 +34,7 @@ def make_elbo(
     num_particles: int = 1,
     vectorize: bool = False,
     num_samples: Optional[int] = None,
-    model_grad: str = "base",
+    model_grad: Optional[str] = None,
 ) -> ELBO:
     """
     The ELBO object for an estimator name (one plate: the data plate at dim -1).
@@ -43,7 +43,8 @@ def make_elbo(
     :param num_particles: particles per step.
     :param vectorize: vectorize the particles (and, for the ARM family, the antithetic branches).
     :param num_samples: samples per estimate of a multi-sample estimator (``rloo``, ``arms``).
-    :param model_grad: ``"base"`` or, with ``arms``, ``"all"`` (:class:`~pyro_arm.TraceARM_ELBO`).
+    :param model_grad: ``"base"``, ``"all"`` (``arms`` only) or ``None``: the estimator's
+        default (:class:`~pyro_arm.TraceARM_ELBO`).
     :raises ValueError: for an unknown name, or a ``num_samples`` the estimator does not take.
     """
     kwargs = dict(num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=1)
@@ -52,7 +53,7 @@ def make_elbo(
             estimator=estimator, num_samples=num_samples, model_grad=model_grad, **kwargs
         )
     if estimator in PYRO_BASELINES:
-        if num_samples is not None or model_grad != "base":
+        if num_samples is not None or model_grad is not None:
             raise ValueError(f"estimator {estimator!r} takes neither num_samples nor model_grad")
         return PYRO_BASELINES[estimator](**kwargs)
     raise ValueError(
