@@ -31,6 +31,9 @@ from pathlib import Path
 
 from benchmarks import common
 
+#: The Adam learning rate of every configuration.
+LR = 1e-3
+
 #: name -> (the options that set the estimator, model evaluations per step)
 CONFIGS: dict[str, tuple[list[str], int]] = {
     "arm1": (["--estimator", "arm"], 2),
@@ -63,7 +66,7 @@ def parse_args(argv=None):
 def train_command(args, name: str) -> list[str]:
     """The ``pyro-arm train`` command line of configuration ``name``."""
     run_dir = Path(args.run_root) / name
-    command = [sys.executable, "-m", "pyro_arm", "train", "--model", "linear", "--lr", "1e-3"]
+    command = [sys.executable, "-m", "pyro_arm", "train", "--model", "linear", "--lr", str(LR)]
     command += ["--batch-size", "50", "--vectorize", "--data", args.data, "--seed", str(args.seed)]
     command += ["--steps", str(args.steps), "--eval-every", str(args.eval_every)]
     command += ["--checkpoint-every", str(args.eval_every), "--eval-k", str(args.eval_k)]
@@ -104,7 +107,7 @@ def check_config(args, name: str, run_dir: Path) -> None:
         wrong["--data"] = config["data"]
     if config["seed"] != args.seed:
         wrong["--seed"] = config["seed"]
-    if wrong or config["steps"] != args.steps or config["lr"] != 1e-3 or not config["vectorize"]:
+    if wrong or config["steps"] != args.steps or config["lr"] != LR or not config["vectorize"]:
         raise SystemExit(f"{run_dir} was made with other settings ({config}); pick --run-root")
 
 
@@ -143,7 +146,7 @@ def main(argv=None):
         record["runs"][name] = result
         rows.append((name, *result.values()))
     common.print_table(
-        f"linear SBN, {args.steps} steps of batch 50, Adam lr 1e-3, seed {args.seed}: -ELBO and "
+        f"linear SBN, {args.steps} steps of batch 50, Adam lr {LR}, seed {args.seed}: -ELBO and "
         f"-IW(k={args.eval_k}) in nats (lower is better)",
         ["config", "evals/step", f"valid @{half}", f"valid @{args.steps}", "test -ELBO",
          f"test -IW(k={args.eval_k})", f"ms/step ({args.jobs} jobs)"],

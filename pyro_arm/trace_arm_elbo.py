@@ -16,6 +16,10 @@ from pyro_arm.estimators import check_num_samples, get_estimator
 from pyro_arm.messengers import BaseSampleMessenger
 from pyro_arm.particle import Particle, ParticleContext
 
+#: The ``model_grad`` choices: the model-parameter gradient at the base run, or (``"arms"`` only)
+#: averaged over every run.
+MODEL_GRADS: tuple[str, ...] = ("base", "all")
+
 
 class TraceARM_ELBO(ELBO):
     r"""
@@ -123,7 +127,7 @@ class TraceARM_ELBO(ELBO):
         self.num_samples = check_num_samples(self.estimator, num_samples)
         if model_grad is None:
             model_grad = "all" if estimator == "arms" else "base"
-        if model_grad not in ("base", "all") or (model_grad == "all" and estimator != "arms"):
+        if model_grad not in MODEL_GRADS or (model_grad == "all" and estimator != "arms"):
             raise ValueError(
                 f"model_grad must be 'base', or 'all' with estimator='arms'; got {model_grad!r}"
             )

@@ -21,8 +21,9 @@ import torch
 
 from pyro_arm.estimators import ESTIMATORS, check_num_samples
 from pyro_arm.sbn.data import BINARIZATIONS
-from pyro_arm.sbn.elbo import MODEL_GRADS, estimator_choices
+from pyro_arm.sbn.elbo import estimator_choices
 from pyro_arm.sbn.models import ARCHITECTURES, parse_architecture
+from pyro_arm.trace_arm_elbo import MODEL_GRADS
 
 #: Config fields that fix the training trajectory; a resumed run may not change them.
 TRAJECTORY_FIELDS = (
@@ -81,17 +82,14 @@ def _device(name: str, value: Any) -> None:
     raise ConfigError(f"{flag(name)}: unknown device {value!r}; expected cpu, cuda, cuda:N or auto")
 
 
-def _model_grad(name: str, value: Any) -> None:
-    if value is not None and value not in MODEL_GRADS:
-        raise ConfigError(
-            f"{flag(name)}: invalid choice: {value!r} (choose from {', '.join(MODEL_GRADS)})"
-        )
+def _one_of(
+    choices: Callable[[], tuple[str, ...]], optional: bool = False
+) -> Callable[[str, Any], None]:
+    """A check that the value is one of ``choices()`` (or, when ``optional``, ``None``)."""
 
-
-def _one_of(choices: Callable[[], tuple[str, ...]]) -> Callable[[str, Any], None]:
     def check(name: str, value: Any) -> None:
         valid = choices()
-        if value not in valid:
+        if value not in valid and not (optional and value is None):
             raise ConfigError(
                 f"{flag(name)}: invalid choice: {value!r} (choose from {', '.join(valid)})"
             )
@@ -187,7 +185,7 @@ class TrainConfig:
         None,
         "model-parameter gradient: base (at the base sample) or, with arms, all (averaged over "
         "every evaluated sample; the default for arms)",
-        check=_model_grad,
+        check=_one_of(lambda: MODEL_GRADS, optional=True),
         metavar="{" + ",".join(MODEL_GRADS) + "}",
     )
     eval_every: int = option(

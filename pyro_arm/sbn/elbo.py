@@ -17,9 +17,6 @@ from pyro_arm.trace_arm_elbo import TraceARM_ELBO
 #: Pyro's own ELBOs, selectable by name beside the ARM family.
 PYRO_BASELINES: dict[str, type] = {"trace": Trace_ELBO, "tracegraph": TraceGraph_ELBO}
 
-#: The ``model_grad`` choices of :class:`~pyro_arm.TraceARM_ELBO` (``"all"`` with ``"arms"`` only).
-MODEL_GRADS: tuple[str, ...] = ("base", "all")
-
 
 def estimator_choices() -> tuple[str, ...]:
     """
