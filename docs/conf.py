@@ -1,6 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Sphinx configuration of the pyro-arm docs (``sphinx-build -W -b html docs docs/_build/html``)."""
 
+import contextlib
+import io
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -32,9 +35,32 @@ for _nb in sorted((ROOT / "tutorials").glob("*.ipynb")):
     shutil.copy2(_nb, _TUTORIALS / _nb.name)  # keeps the mtime: unchanged files are not re-read
 myst_enable_extensions = ["dollarmath", "amsmath"]
 
+
+def _write_train_help(path: Path) -> None:
+    """``pyro-arm train --help`` as the command prints it, for training.rst (git-ignored)."""
+    from pyro_arm.sbn.cli import main
+
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"  # argparse wraps at $COLUMNS
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            main(["train", "--help"])
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
+    path.parent.mkdir(exist_ok=True)
+    if not path.exists() or path.read_text() != out.getvalue():  # unchanged: not re-read
+        path.write_text(out.getvalue())
+
+
+_write_train_help(DOCS / "_generated" / "pyro-arm-train-help.txt")
+
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 master_doc = "index"
-exclude_patterns = ["_build", "**.ipynb_checkpoints"]
+exclude_patterns = ["_build", "_generated", "**.ipynb_checkpoints"]
 
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "show-inheritance": True}
