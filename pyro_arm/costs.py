@@ -20,6 +20,7 @@ without rounding.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, NamedTuple, Optional
 
 import pyro
@@ -101,16 +102,51 @@ class ReplayValuesMessenger(Messenger):
         msg["done"] = True
 
 
-def run_costs(model, guide, args, kwargs) -> MultiFrameTensor:
+class LogPMessenger(Messenger):
+    """Sums the model's scaled, masked log-densities, with gradient, into :attr:`log_p`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_p: torch.Tensor | float = 0.0
+
+    def _pyro_post_sample(self, msg) -> None:
+        if is_subsample_site(msg):
+            return
+        log_prob = msg["fn"].log_prob(msg["value"], *msg["args"], **msg["kwargs"])
+        self.log_p = self.log_p + scale_and_mask(log_prob, msg["scale"], msg["mask"]).sum()
+
+
+def detached(values: dict) -> dict:
+    """The values of a dict, detached."""
+    return {name: value.detach() for name, value in values.items()}
+
+
+def model_costs(
+    model, args, kwargs, costs: MultiFrameTensor, values: dict, log_p: Optional[LogPMessenger]
+) -> dict:
     """
-    Runs guide and model once, without gradient or validation, and returns their costs: the
-    model replays the guide's values.
+    Runs the model with its latent sites at ``values`` and adds its cost terms to ``costs``;
+    with ``log_p``, also sums its log-density with gradient there. Returns the values of the
+    latent sites the model met.
     """
-    costs = MultiFrameTensor()
-    values: dict = {}
-    with torch.no_grad(), pyro.validation_enabled(False):
-        with CostMessenger(costs, -1.0, values):
-            guide(*args, **kwargs)
-        with CostMessenger(costs, 1.0), ReplayValuesMessenger(values):
+    seen: dict = {}
+    grad = log_p is not None and torch.is_grad_enabled()
+    with torch.set_grad_enabled(grad), CostMessenger(costs, 1.0, seen):
+        with log_p or nullcontext(), ReplayValuesMessenger(values):
             model(*args, **kwargs)
+    return seen
+
+
+def run_costs(model, guide, args, kwargs, log_p: Optional[LogPMessenger] = None):
+    """
+    Runs guide and model once, without validation, and returns their costs: the guide without
+    gradient, the model at the guide's detached values (with ``log_p``, summing its
+    log-density with gradient; else without gradient).
+    """
+    costs: MultiFrameTensor = MultiFrameTensor()
+    values: dict = {}
+    with pyro.validation_enabled(False):
+        with torch.no_grad(), CostMessenger(costs, -1.0, values):
+            guide(*args, **kwargs)
+        model_costs(model, args, kwargs, costs, detached(values), log_p)
     return costs

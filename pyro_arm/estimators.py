@@ -1,22 +1,34 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-Gradient estimators for the logits of independent Bernoulli variables, as pure tensor functions.
+The registry of gradient estimators: what each one draws and how it turns costs into gradients.
 
-Every estimator here returns, per component, an unbiased estimate of
-:math:`\\partial_\\phi \\mathbb{E}_{z \\sim \\mathrm{Bernoulli}(\\sigma(\\phi))}[f(z)]`
-from one uniform draw :math:`u \\sim U(0, 1)` and the evaluations of :math:`f` at the sample
-:math:`z_2` and, for antithetic estimators, at its antithetic twin :math:`z_1`, the pair that
-:func:`bernoulli_pair` makes from :math:`u` (where the pair is defined):
+An estimator of :class:`~pyro_arm.TraceARM_ELBO` is fully described by one :class:`Estimator`:
+
+- **rows**: how many runs of model and guide a particle needs. Each Bernoulli site draws
+  ``m`` *members* from ``m`` uniforms (:attr:`Estimator.uniforms`), member 0 being the base
+  run's value; every other score-function site draws ``m_s`` values (:attr:`Estimator.draws`).
+  A particle runs the base run and one *branch* per site ``t`` and member ``k >= 1``, so
+  :math:`1 + \\sum_t (m_t - 1)` rows (:meth:`Estimator.rows`: ARM/DisARM :math:`1 + T`, AR 1,
+  ARMS :math:`1 + T(n - 1)`), times :attr:`Estimator.replicas` independent base runs (RLOO:
+  ``n`` rows).
+- **draw rule**: in the branch ``(t, k)`` every site sampled before ``t`` keeps its base value,
+  ``t`` takes member ``k``, and later sites are resampled, Bernoulli sites from their base
+  uniforms (common random numbers): :class:`~pyro_arm.sampler.BranchMessenger`.
+- **reduction**: a Bernoulli site's ``m`` plate-local signals give the logits gradient
+  (:meth:`Estimator.site_grad`); another score-function site's ``m_s`` signals weight its
+  scores (leave-one-out); the loss averages the base runs, or with ``multi_sample`` every row.
+
+The logits-gradient functions are pure tensor functions, checked alone against exact
+gradients. For :math:`z \\sim \\mathrm{Bernoulli}(\\sigma(\\phi))`, one uniform :math:`u` and the
+pair of :func:`bernoulli_pair` (:math:`z_2` the sample, :math:`z_1` its antithetic twin):
 
 - ARM (Yin & Zhou, 2019): :math:`(f(z_1) - f(z_2)) (u - \\tfrac12)`;
 - DisARM (Dong, Mnih & Tucker, 2020), ARM with :math:`u` integrated out given the pair:
   :math:`\\tfrac12 (f(z_1) - f(z_2)) (1 - 2 z_2)\\, 1[z_1 \\ne z_2]\\, \\sigma(|\\phi|)`;
-- AR (one evaluation): :math:`f(z_2) (1 - 2u)`.
+- AR (one evaluation): :math:`f(z_2) (1 - 2u)`;
+- RLOO and ARMS over ``n`` samples: :mod:`pyro_arm.multisample`.
 
-The functions know nothing about Pyro: ``f1`` and ``f2`` are the signals (already broadcast to the
-shape of ``u``), so each estimator can be checked alone against an exact gradient. New estimators
-slot in by adding an :class:`Estimator` to :data:`ESTIMATORS`. :class:`~pyro_arm.TraceARM_ELBO`
-calls them with ``u``, ``logits`` and the signals in :func:`working_dtype` (at least float32).
+:func:`register_estimator` adds an estimator by name, from the library or from user code.
 """
 
 from __future__ import annotations
@@ -40,8 +52,7 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def bernoulli_pair(u: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
     """
-    The antithetic pair made from one uniform draw. This is the one definition of the pair that
-    the rest of the package refers to:
+    The antithetic pair made from one uniform draw:
 
     - ``z2 = 1[u < sigmoid(logits)]``, the ordinary sample (the base run's value);
     - ``z1 = 1[u > sigmoid(-logits)]``, its antithetic twin (the sample made from ``1 - u``),
@@ -74,32 +85,101 @@ def ar(f1: Optional[Tensor], f2: Tensor, u: Tensor, logits: Tensor) -> Tensor:
     return f2 * (1 - 2 * u)
 
 
+def pair_uniforms(n: Optional[int], shape: torch.Size, logits: Tensor) -> Tensor:
+    """The uniforms ``(u, 1 - u)`` of an antithetic pair, shape ``(2, *shape)``."""
+    u = torch.rand(shape, dtype=logits.dtype, device=logits.device)
+    return torch.stack([u, 1 - u])
+
+
+def one_uniform(n: Optional[int], shape: torch.Size, logits: Tensor) -> Tensor:
+    """One uniform per component, shape ``(1, *shape)``."""
+    return torch.rand((1, *shape), dtype=logits.dtype, device=logits.device)
+
+
+def copula_uniforms(n: int, shape: torch.Size, logits: Tensor) -> Tensor:
+    """ARMS's ``n`` uniforms from the Dirichlet copula, ordered by
+    :func:`~pyro_arm.multisample.arms_lower_tail`: ``(n, *shape)``."""
+    u = multisample.arms_uniforms(n, shape, dtype=logits.dtype, device=logits.device)
+    return multisample.arms_lower_tail(u, logits)
+
+
 class Estimator(NamedTuple):
     """
-    A named estimator of the logits gradient.
+    A named gradient estimator: its rows, its draw rule and its reduction.
 
     :param name: the name users pass as ``TraceARM_ELBO(estimator=name)``.
-    :param antithetic: whether it needs ``f(z1)``, i.e. one extra evaluation per Bernoulli site.
-    :param logits_grad: ``(f1, f2, u, logits) -> Tensor``, the per-component gradient estimate;
-        for a multi-sample estimator ``(f, z, logits) -> Tensor`` over a leading sample dim.
-    :param multi_sample: whether it takes ``num_samples`` (see :mod:`pyro_arm.multisample_elbo`).
+    :param antithetic: a pair estimator that needs ``f(z1)``: two members per Bernoulli site.
+    :param logits_grad: the per-component logits gradient of a Bernoulli site: for a pair
+        estimator ``(f1, f2, u, logits)`` (``f1`` is ``None`` unless antithetic); with
+        ``multi_sample``, ``(f, z, logits)`` over a leading member dim. ``None``: Bernoulli sites
+        are score-function sites like any other.
+    :param multi_sample: takes ``num_samples`` (``n >= 2``); its loss averages every row.
+    :param uniforms: ``(n, shape, logits) -> (m, *shape)`` uniforms of a Bernoulli site's ``m``
+        members, member ``k`` being ``1[v_k < sigmoid(logits)]``; ``None``: the pair
+        ``(u, 1 - u)`` if antithetic, else ``u`` alone.
+    :param draws: other score-function sites draw ``n`` values too (branches), with
+        leave-one-out weights; else they draw one.
+    :param replicas: each particle is ``n`` independent base runs, with leave-one-out
+        baselines among them.
     """
 
     name: str
     antithetic: bool
-    logits_grad: Callable[..., Tensor]
+    logits_grad: Optional[Callable[..., Tensor]]
     multi_sample: bool = False
+    uniforms: Optional[Callable[..., Tensor]] = None
+    draws: bool = False
+    replicas: bool = False
+
+    def member_uniforms(self, n: Optional[int], shape: torch.Size, logits: Tensor) -> Tensor:
+        """The uniforms of a Bernoulli site's members, ``(m, *shape)``."""
+        if self.uniforms is not None:
+            return self.uniforms(n, shape, logits)
+        return (pair_uniforms if self.antithetic else one_uniform)(n, shape, logits)
+
+    def site_grad(self, f: Tensor, v: Tensor, z: Tensor, logits: Tensor) -> Tensor:
+        """
+        The logits gradient of a Bernoulli site from its members' signals ``f`` (``(m, ...)``),
+        uniforms ``v``, values ``z`` and (detached, working-dtype) logits.
+        """
+        if self.multi_sample:
+            return self.logits_grad(f, z, logits)
+        return self.logits_grad(f[1] if self.antithetic else None, f[0], v[0], logits)
+
+    def num_draws(self, n: Optional[int]) -> int:
+        """Values drawn per score-function site (member 0 is the base run's)."""
+        return n if self.draws else 1
+
+    def num_replicas(self, n: Optional[int]) -> int:
+        """Independent base runs per particle."""
+        return n if self.replicas else 1
+
+    def rows(self, members: list[int], num_score: int, n: Optional[int] = None) -> int:
+        """
+        Runs of model and guide per particle, for Bernoulli sites with ``members`` members each
+        and ``num_score`` other score-function sites.
+        """
+        branches = sum(m - 1 for m in members) + num_score * (self.num_draws(n) - 1)
+        return self.num_replicas(n) * (1 + branches)
 
 
 #: The estimators :class:`~pyro_arm.TraceARM_ELBO` knows by name.
-ESTIMATORS: dict[str, Estimator] = {
-    "arm": Estimator("arm", True, arm),
-    "disarm": Estimator("disarm", True, disarm),
-    "ar": Estimator("ar", False, ar),
-    # multi-sample estimators (issue 8): run by pyro_arm.multisample_elbo
-    "rloo": Estimator("rloo", False, multisample.rloo, multi_sample=True),
-    "arms": Estimator("arms", True, multisample.arms, multi_sample=True),
-}
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register_estimator(estimator: Estimator) -> Estimator:
+    """Adds ``estimator`` to :data:`ESTIMATORS` under its name (replacing one of that name)."""
+    ESTIMATORS[estimator.name] = estimator
+    return estimator
+
+
+register_estimator(Estimator("arm", True, arm))
+register_estimator(Estimator("disarm", True, disarm))
+register_estimator(Estimator("ar", False, ar))
+register_estimator(Estimator("rloo", False, None, multi_sample=True, replicas=True))
+register_estimator(
+    Estimator("arms", True, multisample.arms, True, uniforms=copula_uniforms, draws=True)
+)
 
 
 def get_estimator(name: str) -> Estimator:

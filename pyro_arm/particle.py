@@ -1,16 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 One particle of :class:`~pyro_arm.TraceARM_ELBO`: a base run of model and guide (all particles
-at once when vectorized), its ARM samples, and everything computed from them: the ELBO, the
-signals of the guide's sites, the antithetic branches, and the surrogate whose gradient is the
-estimate.
+at once when vectorized), its branches, the plate-local signals of its sites and the surrogate
+whose gradient is the estimate.
 
-A :class:`ParticleContext` holds what every particle of one call shares, decided once per call:
-the model and guide (wrapped in Pyro's plate over particles when vectorized), their arguments,
-the estimator, and whether passes are batched. When they are, every pass is batched: the base
-pass over particles, and the antithetic branches of all ARM sites as one more pass with a plate
-over branches, off the gradient tape; errors of value-dependent control flow in them become
-:class:`NotImplementedError` (:mod:`pyro_arm.batching`).
+The particle's rows are its base run and one branch ``(t, k)`` per site ``t`` and member
+``k >= 1`` (:meth:`Particle.plan`, from the :class:`~pyro_arm.estimators.Estimator`). Two
+executors run the branches over the same plan:
+
+- looped (:meth:`Particle.run_looped`): branch by branch, following value-dependent structure
+  (a site the base run lacked is sampled afresh); the branch of the guide's last site runs the
+  model alone unless the flip adds a latent site;
+- batched (:meth:`Particle.run_batched`): every branch in one pass, along a plate over branches
+  left of every other plate, off the gradient tape; value-dependent control flow fails there
+  and becomes :class:`NotImplementedError` (:mod:`pyro_arm.batching`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from pyro.infer.util import MultiFrameTensor
 from pyro.poutine import Trace
 
 from pyro_arm.batching import batched_pass_errors, check_all_seen
-from pyro_arm.costs import CostMessenger, costs_of, run_costs, trace_cost_terms
+from pyro_arm.costs import (
+    LogPMessenger,
+    costs_of,
+    detached,
+    model_costs,
+    run_costs,
+    trace_cost_terms,
+)
 from pyro_arm.dependencies import (
     Dependencies,
     needs_dependencies,
@@ -32,8 +42,8 @@ from pyro_arm.dependencies import (
     trace_dependencies,
 )
 from pyro_arm.estimators import Estimator
-from pyro_arm.messengers import BaseSampleMessenger, BatchedBranchMessenger, BranchMessenger
-from pyro_arm.signals import append_event_dims, local_signal, select_branch, signal_frames
+from pyro_arm.sampler import BranchMessenger, SampleMessenger
+from pyro_arm.signals import append_event_dims, select_branch, signal_frames
 
 _BRANCH_PLATE = "_arm_branches"
 
@@ -42,17 +52,17 @@ class ParticleContext(NamedTuple):
     """
     What the particles of one call share.
 
-    :param model: the model, in Pyro's plate over particles when vectorized.
+    :param model: the model, in a plate over particles when vectorized.
     :param guide: the guide, likewise.
     :param args: the call's positional arguments.
     :param kwargs: the call's keyword arguments.
-    :param estimator: the estimator of the ARM sites' logits gradient.
-    :param branch_dim: when vectorized, the dim of the plate over branches: left of every plate
-        of the model, the particles' plate (at ``-max_plate_nesting``) included, so that
-        ``-max_plate_nesting - 1``; ``None``: every pass runs unbatched, branches one by one.
+    :param estimator: the estimator.
+    :param num_samples: its ``n`` (``None`` for a pair estimator).
+    :param vectorized: whether the base runs of all particles are one batched pass.
+    :param model_grad_all: model parameters get their gradient averaged over every row.
     :param known_dependencies: the :class:`~pyro_arm.dependencies.Dependencies` traced so far in
-        the call, by :func:`~pyro_arm.dependencies.structure_key`; only runs whose replay read no
-        value into Python are kept (see :meth:`Particle.track_dependencies`).
+        the call, by :func:`~pyro_arm.dependencies.structure_key` (runs whose replay read no
+        value into Python).
     """
 
     model: Callable
@@ -60,24 +70,20 @@ class ParticleContext(NamedTuple):
     args: tuple
     kwargs: dict
     estimator: Estimator
-    branch_dim: Optional[int]
+    num_samples: Optional[int]
+    vectorized: bool
+    model_grad_all: bool
     known_dependencies: dict
-
-    @property
-    def vectorized(self) -> bool:
-        """Whether every pass is batched (see the module docstring)."""
-        return self.branch_dim is not None
 
 
 class Particle:
     """
-    A base run of model and guide and its ARM samples, which computes its ELBO and a surrogate
-    whose gradient is the gradient estimate.
+    A base run of model and guide and its branches.
 
     :param context: what the particles of the call share.
     :param model_trace: the base run's model trace, log-densities computed.
     :param guide_trace: the base run's guide trace, score parts computed.
-    :param sampler: the handler that sampled the base run's ARM sites.
+    :param sampler: the handler that drew the base run.
     """
 
     def __init__(
@@ -85,25 +91,33 @@ class Particle:
         context: ParticleContext,
         model_trace: Trace,
         guide_trace: Trace,
-        sampler: BaseSampleMessenger,
+        sampler: SampleMessenger,
     ) -> None:
         self.context = context
         self.model_trace, self.guide_trace = model_trace, guide_trace
         self.sampler = sampler
-        self.arm_sites = sampler.arm_sites
+        self.samples = sampler.samples
         self.dependencies: Optional[Dependencies] = None
-        # detached cost terms, at least float32, made once and shared by the ELBO and signals
+        self.row_frames: Optional[frozenset] = None
+        # detached cost terms, at least float32, shared by the ELBO and the signals
         self.terms = trace_cost_terms(model_trace, guide_trace)
         self.costs = costs_of(self.terms)
         # the last sample site of the guide, factors included
         self.last_site = next(
             (n for n, s in reversed(guide_trace.nodes.items()) if s["type"] == "sample"), None
         )
+        #: each branched site's signals, member 0 (the base run) first
+        self.member_signals: dict[str, list] = {}
+        #: each branched score-function site's draws in the branches
+        self.draws: dict[str, list] = {}
+        self.num_branches = 0
+        self.branch_elbo: torch.Tensor | float = 0.0
+        self.branch_log_p: torch.Tensor | float = 0.0
         #: (what, value) of every signal computed, for the non-finite warnings
         self.signals: list[tuple[str, torch.Tensor]] = []
 
     def elbo(self) -> torch.Tensor:
-        """The ELBO of the run (detached), summed in at least float32."""
+        """The ELBO of the base run (detached), summed in at least float32."""
         return torch.as_tensor(sum(value.sum() for value in self.costs.values()))
 
     def track_dependencies(self) -> None:
@@ -111,10 +125,9 @@ class Particle:
         Traces the run's dependencies, for runs whose signals need them. A run of the same
         structure as an earlier run of the call reuses its dependencies when that run's replay
         read no value into Python: its control flow did not depend on the sampled values, so
-        neither do the dependencies (the sequential particles, and the n samples of ``"rloo"``,
-        then cost one replay per call instead of one each).
+        neither do the dependencies.
         """
-        if not needs_dependencies(self.guide_trace, self.arm_sites):
+        if not needs_dependencies(self.guide_trace, self.samples):
             return
         ctx = self.context
         key = structure_key(self.guide_trace)
@@ -127,130 +140,128 @@ class Particle:
                 ctx.known_dependencies[key] = self.dependencies
 
     def score_sites(self) -> list[str]:
-        """The guide's score-function sites: sampled, not ARM, not reparameterized."""
+        """The guide's score-function sites: sampled, not Bernoulli-estimated, not
+        reparameterized."""
         return [
             name
             for name, site in self.guide_trace.nodes.items()
             if site["type"] == "sample"
             and not site["is_observed"]
-            and name not in self.arm_sites
+            and name not in self.samples
             and not is_identically_zero(site["score_parts"].score_function)
         ]
 
     def frames(self, name: str) -> frozenset:
+        """The plates a site's signal keeps: :attr:`row_frames` when set (every site then gets
+        its row's costs summed down to them), else the plate-local rule of
+        :func:`~pyro_arm.signals.signal_frames`."""
+        if self.row_frames is not None:
+            return self.row_frames
         deps = self.dependencies
         depends_on = None if deps is None or name in deps.control else deps.guide
         return signal_frames(self.guide_trace, name, depends_on)
 
-    def score_signals(self) -> dict:
-        """
-        The signal of each score-function site: the cost terms that depend on it, summed down to
-        its plate-local frames.
-        """
-        signals = {}
-        deps = None if self.dependencies is None else self.dependencies.costs
-        control = frozenset() if self.dependencies is None else self.dependencies.control
-        for name in self.score_sites():
-            costs = self.costs
-            if deps is not None and name not in control:  # only the terms that depend on it
-                costs = costs_of(self.terms, lambda key, name=name: name in deps[key])
-            signals[name] = torch.as_tensor(costs.sum_to(self.frames(name)))
-            self.signals.append((f"signal of site '{name}'", signals[name]))
-        return signals
+    def score_signal(self, name: str):
+        """A score-function site's signal in the base run: the cost terms that depend on it,
+        summed down to its plate-local frames."""
+        deps = self.dependencies
+        costs = self.costs
+        if deps is not None and name not in deps.control:  # only the terms that depend on it
+            costs = costs_of(self.terms, lambda key: name in deps.costs[key])
+        return torch.as_tensor(costs.sum_to(self.frames(name)))
 
-    def surrogate_elbo(self, score_signals: dict):
-        """
-        :param score_signals: the signal, baseline subtracted, of each score-function site.
-        """
-        surrogate = 0.0
-        for site in self.model_trace.nodes.values():
-            if site["type"] == "sample":
-                surrogate = surrogate + site["log_prob_sum"]
-        for name, site in self.guide_trace.nodes.items():
-            if site["type"] != "sample" or name in self.arm_sites:
-                continue
-            if site["is_observed"]:  # a factor: its log-density, pathwise
-                surrogate = surrogate - site["log_prob_sum"]
-                continue
-            _, score_function, entropy_term = site["score_parts"]
-            if not is_identically_zero(entropy_term):
-                surrogate = surrogate - entropy_term.sum()
-            if name in score_signals:
-                surrogate = surrogate + (score_function * score_signals[name].detach()).sum()
-        return surrogate + self.arm_surrogate()
+    def plan(self) -> list[tuple[str, int]]:
+        """The branches ``(site, k)`` of the particle, in the guide's order."""
+        draws = self.context.estimator.num_draws(self.context.num_samples)
+        score = set(self.score_sites()) if draws > 1 else set()
+        branches = []
+        for name in self.sampler.order:
+            if name in self.samples:
+                branches += [(name, k) for k in range(1, self.samples[name].z.size(0))]
+            elif name in score:
+                branches += [(name, k) for k in range(1, draws)]
+        return branches
 
-    def arm_surrogate(self):
-        """The ARM sites' part of the surrogate: the estimate (detached) times the logits."""
-        if not self.arm_sites:
-            return 0.0
-        frames = {name: self.frames(name) for name in self.arm_sites}
-        branch_signals = {}
-        if self.context.estimator.antithetic:
-            branch_signals = self.branch_signals(frames)
-        surrogate = 0.0
-        for name, arm in self.arm_sites.items():
-            f2 = local_signal(self.costs, frames[name], arm.event_dim)
-            f1 = branch_signals.get(name)
-            self.signals += [(f"signal of site '{name}'", f2)]
-            if f1 is not None:
-                self.signals += [(f"antithetic signal of site '{name}'", f1)]
-            grad = self.context.estimator.logits_grad(f1, f2, arm.u, arm.estimator_logits)
-            surrogate = surrogate + (grad.detach() * arm.logits).sum()
-        return surrogate
+    def run_branches(self, branch_dim: Optional[int]) -> None:
+        """Runs the plan, batched along ``branch_dim`` or, when ``None``, looped."""
+        plan = self.plan()
+        self.num_branches = len(plan)
+        names = list(self.samples) + [name for name, _ in plan if name not in self.samples]
+        self.member_signals = {name: [self.base_signal(name)] for name in names}
+        self.draws = {name: [] for name, _ in plan if name not in self.samples}
+        self.branch_elbo = self.branch_log_p = 0.0
+        if not plan:
+            return
+        if branch_dim is None:
+            self.run_looped(plan)
+        else:
+            self.run_batched(plan, branch_dim)
 
-    def branch_signals(self, frames: dict) -> dict:
-        """The signal of each ARM site in the branch that flips it, event dims appended."""
-        if not self.context.vectorized or len(self.arm_sites) == 1:
-            return {
-                name: local_signal(self.branch_costs(name), frames[name], arm.event_dim)
-                for name, arm in self.arm_sites.items()
-            }
-        return self.batched_branch_signals(frames)
+    def base_signal(self, name: str):
+        if name in self.samples:
+            return self.costs.sum_to(self.frames(name))
+        return self.score_signal(name)
 
-    def batched_branch_signals(self, frames: dict) -> dict:
-        """:meth:`branch_signals` of all ARM sites from one batched pass."""
-        ctx, names = self.context, list(self.arm_sites)
-        branches = pyro.plate(_BRANCH_PLATE, len(names), dim=ctx.branch_dim)
-        flips = BatchedBranchMessenger(self.sampler, names, ctx.branch_dim)
-        with self._pass_errors(flips.seen):
-            costs = run_costs(branches(ctx.model), flips(branches(ctx.guide)), ctx.args, ctx.kwargs)
-        check_all_seen(self.sampler.order, flips.seen)
-        branch_frame = next(f for key in costs for f in key if f.name == _BRANCH_PLATE)
-        signals = {}
-        for index, (name, arm) in enumerate(self.arm_sites.items()):
-            signal = costs.sum_to(frames[name] | {branch_frame})
-            # the branch plate is the leftmost of -branch_dim batch dims
-            signal = select_branch(signal, index, -ctx.branch_dim)
-            signals[name] = append_event_dims(signal, arm.event_dim)
-        return signals
+    def run_looped(self, plan: list[tuple[str, int]]) -> None:
+        """Runs the branches one by one."""
+        for name, k in plan:
+            costs = None
+            if name == self.last_site and name in self.samples:
+                costs = self._model_only_branch(name, k)
+            if costs is None:
+                handler = BranchMessenger(self.sampler, [(name, k)])
+                costs = self._run_branch(handler, lambda fn: fn)
+                if name in self.draws:
+                    self.draws[name].append(handler.drawn[name])
+            self.branch_elbo = self.branch_elbo + sum(v.sum() for v in costs.values())
+            self.member_signals[name].append(costs.sum_to(self.frames(name)))
 
-    def branch_costs(self, name: str) -> MultiFrameTensor:
-        """The costs of the branch that flips ARM site ``name``."""
-        if name == self.last_site:
-            costs = self.model_branch_costs(name)
-            if costs is not None:
-                return costs
+    def run_batched(self, plan: list[tuple[str, int]], branch_dim: int) -> None:
+        """Runs every branch as one batched pass along a plate at ``branch_dim``."""
+        plate = pyro.plate(_BRANCH_PLATE, len(plan), dim=branch_dim)
+        handler = BranchMessenger(self.sampler, plan, branch_dim)
+        with batched_pass_errors(handler.seen):
+            costs = self._run_branch(handler, plate)
+        check_all_seen(self.sampler.order, handler.seen)
+        frame = next(f for key in costs for f in key if f.name == _BRANCH_PLATE)
+        self.branch_elbo = _branch_total(costs, frame, len(plan), -branch_dim)
+        summed = {name: costs.sum_to(self.frames(name) | {frame}) for name, _ in plan}
+        for index, (name, _) in enumerate(plan):
+            self.member_signals[name].append(select_branch(summed[name], index, -branch_dim))
+            if name in self.draws:
+                drawn = handler.drawn[name]
+                event_dim = self.guide_trace.nodes[name]["fn"].event_dim
+                self.draws[name].append(drawn.select(drawn.dim() + branch_dim - event_dim, index))
+
+    def _run_branch(self, handler: BranchMessenger, wrap: Callable) -> MultiFrameTensor:
+        """The costs of guide and model under ``handler``."""
         ctx = self.context
-        flip = BranchMessenger(self.sampler, name)
-        with self._pass_errors(flip.seen):
-            return run_costs(ctx.model, flip(ctx.guide), ctx.args, ctx.kwargs)
+        log_p = LogPMessenger() if ctx.model_grad_all else None
+        costs = run_costs(wrap(ctx.model), handler(wrap(ctx.guide)), ctx.args, ctx.kwargs, log_p)
+        if log_p is not None:
+            self.branch_log_p = self.branch_log_p + log_p.log_p
+        return costs
 
-    def model_branch_costs(self, name: str) -> Optional[MultiFrameTensor]:
+    def _model_only_branch(self, name: str, k: int) -> Optional[MultiFrameTensor]:
         """
-        The costs of the branch that flips the guide's last site ``name``. Nothing (no sample, no
-        factor) follows it: only its own log q and the model change, unless the flip makes the
-        model sample a site the base run lacks; then the guide would sample it too, and this
-        returns ``None`` (the branch must run guide and model).
+        The costs of the branch that sets the guide's last site ``name`` to member ``k``.
+        Nothing follows it in the guide: only its own log q and the model change, unless the
+        flip makes the model sample a latent site the base run lacks; then the guide would
+        sample it too, and this returns ``None`` (the branch must run guide and model).
         """
         ctx, costs = self.context, MultiFrameTensor()
-        flip = BranchMessenger(self.sampler, name)
-        with self._pass_errors(flip.seen), torch.no_grad(), pyro.validation_enabled(False):
-            with CostMessenger(costs, 1.0):
-                flip(ctx.model)(*ctx.args, **ctx.kwargs)
-            if _has_new_latent_site(flip):
-                return None
-            site = self.guide_trace.nodes[name]
-            log_q = site["fn"].log_prob(self.arm_sites[name].z1)
+        values = detached(self.sampler.values)
+        values[name] = self.samples[name].z[k]
+        log_p = LogPMessenger() if ctx.model_grad_all else None
+        with pyro.validation_enabled(False):
+            seen = model_costs(ctx.model, ctx.args, ctx.kwargs, costs, values, log_p)
+        if _has_new_latent_site(seen, values):
+            return None
+        if log_p is not None:
+            self.branch_log_p = self.branch_log_p + log_p.log_p
+        site = self.guide_trace.nodes[name]
+        with torch.no_grad():
+            log_q = site["fn"].log_prob(values[name])
             log_q = scale_and_mask(log_q, site["scale"], site["mask"])
         flipped = f"guide:{name}"
         for term in self.terms:
@@ -260,11 +271,79 @@ class Particle:
                 costs.add((term.stack, term.value))
         return costs
 
-    def _pass_errors(self, seen: list):
-        """:func:`~pyro_arm.batching.batched_pass_errors` for a pass of this particle."""
-        return batched_pass_errors(seen if self.context.vectorized else None)
+    def stacked_signals(self, name: str, dim: int, event_dim: int) -> torch.Tensor:
+        """A site's member signals as one ``(m, ...)`` tensor with ``dim`` dims after the
+        first, ``event_dim`` trailing singleton dims included."""
+        padded = []
+        for k, signal in enumerate(self.member_signals[name]):
+            signal = append_event_dims(torch.as_tensor(signal), event_dim)
+            what = "signal" if k == 0 else f"signal of member {k}"
+            self.signals.append((f"{what} of site '{name}'", signal))
+            padded.append(signal.reshape((1,) * (dim - signal.dim()) + signal.shape))
+        return torch.stack(torch.broadcast_tensors(*padded))
+
+    def surrogate_elbo(self, score_weights: dict, base_log_p: Optional[torch.Tensor] = None):
+        """
+        The surrogate ELBO of the base run whose gradient is the estimate.
+
+        :param score_weights: each score-function site's weights, one per draw (detached).
+        :param base_log_p: with ``model_grad_all``, the model's log-density at the base run's
+            detached values.
+        """
+        surrogate = 0.0
+        for site in self.model_trace.nodes.values():
+            if site["type"] == "sample":
+                surrogate = surrogate + site["log_prob_sum"]
+        if base_log_p is not None:  # model parameters: the average over every row
+            rows = 1 + sum(len(s) - 1 for s in self.member_signals.values())
+            surrogate = surrogate + (base_log_p + self.branch_log_p) / rows - base_log_p
+        estimator = self.context.estimator
+        for name, site in self.guide_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if name in self.samples:
+                s = self.samples[name]
+                f = self.stacked_signals(name, s.z.dim() - 1, s.event_dim)
+                grad = estimator.site_grad(f, s.v, s.z, s.estimator_logits)
+                surrogate = surrogate + (grad.detach() * s.logits).sum()
+                continue
+            if site["is_observed"]:  # a factor: its log-density, pathwise
+                surrogate = surrogate - site["log_prob_sum"]
+                continue
+            entropy_term = site["score_parts"].entropy_term
+            if not is_identically_zero(entropy_term):
+                surrogate = surrogate - entropy_term.sum()
+            if name in score_weights:
+                # Pyro's score function is neither scaled nor masked: the draws' alike
+                scores = [site["score_parts"].score_function] + [
+                    site["fn"].log_prob(value) for value in self.draws.get(name, [])
+                ]
+                for weight, score in zip(score_weights[name], scores):
+                    surrogate = surrogate + (weight * score).sum()
+        return surrogate
+
+    def differs_from(self, other: Particle, atol: float = 1e-4) -> bool:
+        """Whether the member signals of ``other`` (the same particle run by another executor)
+        differ where both are deterministic (no fresh draw at or after the flip)."""
+        fresh = [p for n, p in self.sampler.position.items() if n not in self.samples]
+        for name, signals in self.member_signals.items():
+            if any(p >= self.sampler.position[name] for p in fresh):
+                continue
+            for a, b in zip(signals[1:], other.member_signals[name][1:]):
+                a, b = torch.as_tensor(a), torch.as_tensor(b)
+                if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=atol):
+                    return True
+        return False
 
 
-def _has_new_latent_site(flip: BranchMessenger) -> bool:
-    """Whether a branch sampled a latent site that the base run lacks."""
-    return bool(flip.fresh)
+def _has_new_latent_site(seen: dict, values: dict) -> bool:
+    """Whether a model-only branch met a latent site that the base run lacks."""
+    return bool(set(seen) - set(values))
+
+
+def _branch_total(costs: MultiFrameTensor, frame, num: int, nesting: int) -> torch.Tensor:
+    """The sum of every branch's costs (a term without the branch dim counts once per branch)."""
+    total = costs.sum_to(frozenset({frame}))
+    if torch.is_tensor(total) and total.dim() >= nesting and total.size(-nesting) == num:
+        return total.sum()
+    return torch.as_tensor(total).sum() * num

@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any, Optional
 
+import pyro
 import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.enum import get_importance_trace
-from pyro.infer.util import is_validation_enabled, torch_item
+from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_item
 from pyro.util import check_if_enumerated, warn_if_inf, warn_if_nan
 
 from pyro_arm.baselines import baseline_options, leave_one_out, site_baseline
 from pyro_arm.batching import batched_pass_errors
+from pyro_arm.costs import LogPMessenger, detached, model_costs
 from pyro_arm.estimators import check_num_samples, get_estimator
-from pyro_arm.messengers import BaseSampleMessenger
+from pyro_arm.multisample import rloo_weights
 from pyro_arm.particle import Particle, ParticleContext
+from pyro_arm.sampler import SampleMessenger
 
 #: The ``model_grad`` choices: the model-parameter gradient at the base run, or (``"arms"`` only)
 #: averaged over every run.
@@ -49,9 +53,19 @@ class TraceARM_ELBO(ELBO):
     and resamples the sites after :math:`t`, later Bernoulli sites from their base uniforms
     (common random numbers). The :math:`z_2` member of every pair is thus the base run itself,
     and :math:`T` ARM sites cost :math:`T + 1` runs of model and guide per particle (AR: one).
-    The branch of the last site the guide samples runs the model alone. With
-    ``vectorize_particles=True`` the particles run as one batched base pass, and the branches
-    of all sites and particles as one more batched pass, off the gradient tape.
+    The branch of the last site the guide samples runs the model alone. Every estimator is an
+    entry of :data:`~pyro_arm.estimators.ESTIMATORS` (its rows, draw rule and reduction), run
+    by the one engine of :mod:`pyro_arm.particle`.
+
+    **Batched branches.** With ``vectorize_particles=True`` the particles run as one batched
+    base pass, and the branches of all sites and particles as one more batched pass, off the
+    gradient tape. Otherwise each particle's branches run as one batched pass too once the
+    first call has shown that this is safe for the model and guide: their structure read no
+    sampled value into Python, and a batched pass of that call's branches (along a plate left
+    of every plate, ``max_plate_nesting`` guessed if unset) gave the same signals as the
+    looped one wherever no site is drawn afresh. Otherwise, or if a later batched pass fails,
+    the branches run one by one, following value-dependent structure; their cost then grows
+    with the square of the number of sites, which a warning says once for large models.
 
     **Plate-local signals.** Each cost term is summed down to the plates it shares with site
     :math:`t`, so datapoint :math:`n`'s logits are driven by datapoint :math:`n`'s terms. Where a
@@ -80,9 +94,12 @@ class TraceARM_ELBO(ELBO):
     gradients come back in the parameters' dtype. The log-densities themselves are those the
     distributions compute (in their own dtype).
 
-    **Non-finite values.** With Pyro's validation on (the default), a signal or the surrogate
-    loss that is NaN or infinite raises Pyro's ``warn_if_nan`` / ``warn_if_inf`` warning, naming
-    the site (one read of the device per step; off with validation, like Pyro's other checks).
+    **Non-finite values.** Bernoulli logits that hold a NaN raise :class:`ValueError` naming
+    the site, with or without Pyro's validation: the flags are read together with the loss
+    (before any gradient is accumulated), so the check adds no read of the device
+    (:meth:`differentiable_loss` reads them once). With validation on (the default), a signal
+    or the surrogate loss that is NaN or infinite raises Pyro's ``warn_if_nan`` /
+    ``warn_if_inf`` warning, naming the site.
 
     :param int num_particles: number of particles (samples) averaged in the estimate; a
         positive integer, else :class:`ValueError`.
@@ -91,14 +108,14 @@ class TraceARM_ELBO(ELBO):
     :param bool vectorize_particles: run particles and antithetic branches as batched passes;
         requires a structure that does not depend on sampled values (violations raise
         :class:`NotImplementedError` naming the site).
-    :param str estimator: ``"arm"`` (default), ``"disarm"`` or ``"ar"``; any name registered in
-        :data:`pyro_arm.estimators.ESTIMATORS`; the multi-sample ``"rloo"`` and ``"arms"`` are
-        described in :mod:`pyro_arm.multisample_elbo`.
+    :param str estimator: ``"arm"`` (default), ``"disarm"``, ``"ar"``, or the multi-sample
+        ``"rloo"`` and ``"arms"`` (:mod:`pyro_arm.multisample`); any name registered in
+        :data:`pyro_arm.estimators.ESTIMATORS`.
     :param int num_samples: samples inside one estimate of ``"rloo"`` / ``"arms"`` (``>= 2``,
         default 2); not accepted by the other estimators.
     :param str model_grad: ``"base"`` gives model parameters the gradient at the base run;
-        ``"all"`` (``"arms"`` only) its average over every run (base and branches). Default:
-        ``"all"`` for ``"arms"`` (measured better in training, see the README), else ``"base"``.
+        ``"all"`` (multi-sample estimators with branches: ``"arms"``) its average over every
+        row. Default: ``"all"`` where allowed, else ``"base"``.
     :param kwargs: other keyword arguments of :class:`~pyro.infer.elbo.ELBO`.
 
     References
@@ -123,13 +140,14 @@ class TraceARM_ELBO(ELBO):
         if not isinstance(num_particles, numbers.Integral) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
         self.estimator = get_estimator(estimator)
-        # --- multi-sample estimators (issue 8): see pyro_arm.multisample_elbo
         self.num_samples = check_num_samples(self.estimator, num_samples)
+        averages_rows = self.estimator.multi_sample and not self.estimator.replicas
         if model_grad is None:
-            model_grad = "all" if estimator == "arms" else "base"
-        if model_grad not in MODEL_GRADS or (model_grad == "all" and estimator != "arms"):
+            model_grad = "all" if averages_rows else "base"
+        if model_grad not in MODEL_GRADS or (model_grad == "all" and not averages_rows):
             raise ValueError(
-                f"model_grad must be 'base', or 'all' with estimator='arms'; got {model_grad!r}"
+                "model_grad must be 'base', or 'all' with a multi-sample estimator that "
+                f"branches ('arms'); got {model_grad!r}"
             )
         self.model_grad = model_grad
         super().__init__(
@@ -138,78 +156,178 @@ class TraceARM_ELBO(ELBO):
             vectorize_particles=vectorize_particles,
             **kwargs,
         )
+        #: per (model, guide): whether unvectorized particles run their branches batched
+        self._batch_branches: dict = {}
+
+    @property
+    def runs(self) -> int:
+        """Base runs per call: particles times the estimator's replicas."""
+        return self.num_particles * self.estimator.num_replicas(self.num_samples)
+
+    def _user_nesting(self) -> int:
+        """``max_plate_nesting`` without the plate over particles that Pyro's ELBO adds."""
+        return self.max_plate_nesting - int(self.vectorize_particles and self.num_particles > 1)
 
     def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
         # Draws no random numbers from the caller's stream, so the first call of `loss`,
-        # `loss_and_grads` or `differentiable_loss` reports what a later one would.
+        # `loss_and_grads` or `differentiable_loss` reports what a later one would; Bernoulli
+        # sites are drawn by the library's sampler, which tolerates NaN logits.
+        sampler = SampleMessenger(self.estimator, self.num_samples)
         with _fork_rng():
-            super()._guess_max_plate_nesting(model, guide, args, kwargs)
+            super()._guess_max_plate_nesting(model, sampler(guide), args, kwargs)
 
     def _get_trace(self, model, guide, args, kwargs):
         """
         Returns a single trace from the guide, and the model that is run against it, as
-        :class:`~pyro.infer.trace_elbo.Trace_ELBO` does; :meth:`_particles` hands it a guide
-        whose ARM sites a :class:`~pyro_arm.messengers.BaseSampleMessenger` samples.
+        :class:`~pyro.infer.trace_elbo.Trace_ELBO` does; the guide it is given draws its
+        Bernoulli sites with a :class:`~pyro_arm.sampler.SampleMessenger`.
         """
-        model_trace, guide_trace = get_importance_trace(
-            "flat", self.max_plate_nesting, model, guide, args, kwargs
-        )
+        nesting = self.max_plate_nesting
+        if self.vectorize_particles:
+            nesting = self._user_nesting() + int(self.runs > 1)
+        model_trace, guide_trace = get_importance_trace("flat", nesting, model, guide, args, kwargs)
         if is_validation_enabled():
             check_if_enumerated(guide_trace)
         return model_trace, guide_trace
 
-    def _context(self, model, guide, args, kwargs) -> ParticleContext:
-        """What the particles of one call share; decides once whether passes are batched."""
-        branch_dim = None
-        if self.vectorize_particles:
+    def _particles(self, model, guide, args, kwargs) -> list[Particle]:
+        """The base runs of one call: one particle each, or all as one when vectorized."""
+        vectorized = self.vectorize_particles
+        if vectorized:
             if self.max_plate_nesting == float("inf"):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
-            model = self._vectorized_num_particles(model)
-            guide = self._vectorized_num_particles(guide)
-            # left of every plate of the model, the particles' plate (-max_plate_nesting) included
-            branch_dim = -self.max_plate_nesting - 1
-        return ParticleContext(model, guide, args, kwargs, self.estimator, branch_dim, {})
-
-    def _sampler(self) -> BaseSampleMessenger:
-        """The handler that samples a base run's ARM sites (the multi-sample passes swap it)."""
-        return BaseSampleMessenger()
-
-    def _particles(self, model, guide, args, kwargs) -> list[Particle]:
-        """The base runs of one call: one particle each, or all particles as one when
-        vectorized."""
-        context = self._context(model, guide, args, kwargs)
+            if self.runs > 1:
+                plate = pyro.plate("num_particles_vectorized", self.runs, dim=self._particle_dim())
+                model, guide = plate(model), plate(guide)
+        context = ParticleContext(
+            model,
+            guide,
+            args,
+            kwargs,
+            self.estimator,
+            self.num_samples,
+            vectorized,
+            self.model_grad == "all",
+            {},
+        )
         particles = []
-        for _ in range(1 if context.vectorized else self.num_particles):
-            sampler = self._sampler()
+        replicas = self.estimator.num_replicas(self.num_samples)
+        for index in range(1 if vectorized else self.runs):
+            subsamples = None
+            if index % replicas and self._replicas_share_subsamples():
+                first = particles[index - index % replicas].sampler
+                subsamples = {n: v for n, v in first.values.items() if n not in first.order}
+            sampler = SampleMessenger(self.estimator, self.num_samples, subsamples)
             # the sampler wraps the guide outside every plate, the particles' included
-            with batched_pass_errors(sampler.order if context.vectorized else None):
-                traces = self._get_trace(context.model, sampler(context.guide), args, kwargs)
+            with batched_pass_errors(sampler.order if vectorized else None):
+                traces = self._get_trace(model, sampler(guide), args, kwargs)
             particles.append(Particle(context, *traces, sampler))
+        if self._tracks_dependencies():
+            for particle in particles:
+                particle.track_dependencies()
         return particles
+
+    def _replicas_share_subsamples(self) -> bool:
+        """Whether the replicas of a particle reuse its first replica's plate subsamples."""
+        return False
+
+    def _tracks_dependencies(self) -> bool:
+        """Whether the signals need the runs' dependencies (plate-local signals)."""
+        return True
+
+    def _particle_dim(self) -> int:
+        return -self._user_nesting() - 1
+
+    def _run_branches(self, particles: list[Particle], model, guide, args, kwargs) -> None:
+        """Runs every particle's branches, batched where that is known to be safe."""
+        if self.vectorize_particles:
+            for particle in particles:
+                particle.run_branches(self._particle_dim() - 1)
+            return
+        key = (model, guide)
+        batched = self._batch_branches.get(key)
+        control = any(p.dependencies is not None and p.dependencies.control for p in particles)
+        if batched and not control:
+            try:
+                for particle in particles:
+                    particle.run_branches(batched)
+                return
+            except (NotImplementedError, RuntimeError, ValueError) as exc:
+                self._batch_branches[key] = False
+                self._warn_looped(particles, f"a batched pass of branches failed: {exc}")
+        for particle in particles:
+            particle.run_branches(None)
+        if batched is None:
+            self._batch_branches[key] = self._probe(particles, model, guide, args, kwargs)
+
+    def _probe(self, particles, model, guide, args, kwargs) -> Optional[int]:
+        """
+        The branch dim at which the branches of this model and guide can run batched, checked
+        on the first particle of this call against its looped branches; ``False`` if they
+        cannot (value-dependent structure, or nothing to batch).
+        """
+        first = particles[0]
+        plan = first.plan()
+        if any(p.dependencies is not None and p.dependencies.control for p in particles):
+            self._warn_looped(particles, "the model or guide reads sampled values into Python")
+            return False
+        if len(plan) < 2 or any(p.plan() != plan for p in particles):
+            return False
+        saved = self.max_plate_nesting
+        try:
+            if saved == float("inf"):
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+            branch_dim = -self.max_plate_nesting - 1
+        finally:
+            self.max_plate_nesting = saved
+        probe = Particle(first.context, first.model_trace, first.guide_trace, first.sampler)
+        probe.dependencies = first.dependencies
+        try:
+            with _fork_rng(), torch.no_grad():
+                probe.run_branches(branch_dim)
+        except (NotImplementedError, RuntimeError, ValueError) as exc:
+            self._warn_looped(particles, f"a batched pass of branches failed: {exc}")
+            return False
+        if first.differs_from(probe):
+            self._warn_looped(particles, "a batched pass of branches gave other signals")
+            return False
+        return branch_dim
+
+    def _warn_looped(self, particles: list[Particle], reason: str) -> None:
+        rows = len(particles[0].plan())
+        if rows >= _WARN_LOOPED_ROWS:
+            warnings.warn(
+                f"TraceARM_ELBO runs the {rows} branches of each particle one by one ({reason}); "
+                "a step then costs time quadratic in the number of sites. A model and guide "
+                "that read no sampled value into Python (.item(), `if z:`) and whose tensors "
+                "broadcast over plates run their branches as one batched pass; "
+                "vectorize_particles=True asks for that outright.",
+                stacklevel=4,
+            )
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """
         :returns: an estimate of the negative ELBO, from the same base runs (and random
-            numbers) that :meth:`loss_and_grads` and :meth:`differentiable_loss` use.
+            numbers) that :meth:`loss_and_grads` and :meth:`differentiable_loss` use; a
+            multi-sample estimator averages every row.
         :rtype: float
         """
-        if self.num_samples is not None:  # multi-sample estimators (issue 8)
-            with torch.no_grad():
-                loss = torch_item(self._loss_and_surrogate(model, guide, args, kwargs)[0])
-            warn_if_nan(loss, "loss")
-            return loss
         with torch.no_grad():
-            elbo = sum(particle.elbo() for particle in self._particles(model, guide, args, kwargs))
-        loss = -torch_item(elbo) / self.num_particles
+            particles = self._particles(model, guide, args, kwargs)
+            if self.estimator.multi_sample:
+                self._run_branches(particles, model, guide, args, kwargs)
+            loss = self._loss(particles)
+            loss = _read(loss, particles)
         warn_if_nan(loss, "loss")
         return loss
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """
         :returns: a tensor whose value is the negative ELBO estimate and whose gradient is the
-            ARM estimate of the negative ELBO's gradient.
+            estimate of the negative ELBO's gradient.
         """
-        loss, surrogate_loss, _ = self._loss_and_surrogate(model, guide, args, kwargs)
+        loss, surrogate_loss, particles = self._loss_and_surrogate(model, guide, args, kwargs)
+        _read(torch.zeros(()), particles)
         warn_if_nan(surrogate_loss, "loss")
         return loss + (surrogate_loss - surrogate_loss.detach())
 
@@ -221,87 +339,171 @@ class TraceARM_ELBO(ELBO):
         :returns: an estimate of the negative ELBO.
         :rtype: float
         """
-        loss, surrogate_loss, trainable = self._loss_and_surrogate(model, guide, args, kwargs)
-        if trainable and surrogate_loss.requires_grad:
+        loss, surrogate_loss, particles = self._loss_and_surrogate(model, guide, args, kwargs)
+        loss = _read(loss, particles)
+        if _trainable(particles) and surrogate_loss.requires_grad:
             surrogate_loss.backward(retain_graph=self.retain_graph)
-        loss = torch_item(loss)
         warn_if_nan(loss, "loss")
         return loss
 
-    def _loss_and_surrogate(self, model, guide, args, kwargs):
-        if self.num_samples is not None:  # multi-sample estimators (issue 8)
-            from pyro_arm.multisample_elbo import multisample_loss_and_surrogate
+    def _loss(self, particles: list[Particle]) -> torch.Tensor:
+        """Minus the average ELBO over the base runs, or with ``multi_sample`` every row."""
+        per_particle = self.runs if self.vectorize_particles else 1
+        elbo, rows = 0.0, 0
+        for particle in particles:
+            elbo, rows = elbo + particle.elbo(), rows + per_particle
+            if self.estimator.multi_sample:
+                elbo = elbo + particle.branch_elbo
+                rows += per_particle * particle.num_branches
+        return -torch.as_tensor(elbo) / rows
 
-            return multisample_loss_and_surrogate(self, model, guide, args, kwargs)
+    def _loss_and_surrogate(self, model, guide, args, kwargs):
         # All base runs come first, so that the random numbers behind the reported loss are
         # drawn exactly as in `loss`.
         particles = self._particles(model, guide, args, kwargs)
-        for particle in particles:
-            particle.track_dependencies()
-        score_signals, baseline_loss = self._score_signals(particles)
-        elbo = surrogate_elbo = 0.0
-        for particle, signals in zip(particles, score_signals):
-            elbo = elbo + particle.elbo()
-            surrogate_elbo = surrogate_elbo + particle.surrogate_elbo(signals)
-        trainable = any(
-            site["type"] == "param"
-            for particle in particles
-            for trace in (particle.model_trace, particle.guide_trace)
-            for site in trace.nodes.values()
-        )
-        loss = -torch.as_tensor(elbo) / self.num_particles
-        surrogate_loss = (baseline_loss - torch.as_tensor(surrogate_elbo)) / self.num_particles
+        self._run_branches(particles, model, guide, args, kwargs)
+        weights, baseline_loss = self._score_weights(particles)
+        surrogate_elbo = 0.0
+        for particle, site_weights in zip(particles, weights):
+            base_log_p = None
+            if self.model_grad == "all" and particle.num_branches:
+                base_log_p = _model_log_p(particle)
+            surrogate_elbo = surrogate_elbo + particle.surrogate_elbo(site_weights, base_log_p)
+        loss = self._loss(particles)
+        surrogate_loss = (baseline_loss - torch.as_tensor(surrogate_elbo)) / self.runs
         if is_validation_enabled():
             checks = [check for particle in particles for check in particle.signals]
             _warn_if_not_finite(checks + [("surrogate loss", surrogate_loss.detach())])
-        return loss, surrogate_loss, trainable
+        return loss, surrogate_loss, particles
 
-    def _score_signals(self, particles: list[Particle]) -> tuple[list, Any]:
+    def _score_weights(self, particles: list[Particle]) -> tuple[list[dict], Any]:
         """
-        The signal of every score-function site of every particle, less its baseline (see
-        :mod:`pyro_arm.baselines`), and the loss that trains the learned baselines.
+        The weights of every score-function site's draws (one per draw, detached), and the loss
+        that trains the learned baselines (:mod:`pyro_arm.baselines`): ``f - b`` for one draw,
+        ``b`` the site's own baseline or the leave-one-out mean of the other base runs'
+        signals; :func:`~pyro_arm.multisample.rloo_weights` for several, or ``(f_k - b) / n``
+        with the site's own baseline.
         """
-        signals = [particle.score_signals() for particle in particles]
-        baselines = [{} for _ in particles]
+        signals = []
+        for particle in particles:
+            site_signals = {}
+            for name in particle.score_sites():
+                if name not in particle.member_signals:
+                    particle.member_signals[name] = [particle.score_signal(name)]
+                dim = particle.guide_trace.nodes[name]["score_parts"].score_function.dim()
+                site_signals[name] = particle.stacked_signals(name, dim, 0)
+            signals.append(site_signals)
+        baselines: list[dict] = [{} for _ in particles]
         baseline_loss = 0.0
         for i, particle in enumerate(particles):
-            for name, signal in signals[i].items():
+            for name, f in signals[i].items():
                 site = particle.guide_trace.nodes[name]
                 options = baseline_options(site)
                 if options.any:
-                    baselines[i][name], loss = site_baseline(name, site, signal, options)
+                    baselines[i][name], loss = site_baseline(name, site, f.mean(0), options)
                     baseline_loss = baseline_loss + loss
-        if self.num_particles > 1:
-            self._leave_one_out(signals, baselines)
-        centred = [
-            {name: signal - baselines[i].get(name, 0.0) for name, signal in signals[i].items()}
-            for i in range(len(particles))
-        ]
-        return centred, baseline_loss
+        self._leave_one_out(signals, baselines)
+        weights = []
+        for i in range(len(particles)):
+            site_weights = {}
+            for name, f in signals[i].items():
+                if f.size(0) > 1 and name not in baselines[i]:
+                    site_weights[name] = rloo_weights(f)
+                else:
+                    site_weights[name] = (f - baselines[i].get(name, 0.0)) / f.size(0)
+            weights.append({name: w.detach() for name, w in site_weights.items()})
+        return weights, baseline_loss
 
     def _leave_one_out(self, signals: list, baselines: list) -> None:
-        """Leave-one-out baselines across particles for the sites without their own."""
-        if self.vectorize_particles:
-            dim = -self.max_plate_nesting  # the particles plate (see ELBO)
-            for name, signal in signals[0].items():
-                if name in baselines[0] or signal.dim() < -dim:
-                    continue
-                if signal.size(dim) == self.num_particles:
-                    baselines[0][name] = leave_one_out(signal, dim)
+        """
+        Leave-one-out baselines among the base runs (the particles, or each particle's
+        replicas) for the one-draw sites without a baseline of their own.
+        """
+        group = self.estimator.num_replicas(self.num_samples)
+        if group == 1:
+            group = self.num_particles
+        if group < 2:
             return
-        names = {name for particle in signals for name in particle}
-        for name in names:
-            have = [
-                i
-                for i, particle in enumerate(signals)
-                if name in particle and name not in baselines[i]
-            ]
-            shapes = {signals[i][name].shape for i in have}
-            if len(have) < 2 or len(shapes) != 1:
-                continue
-            stacked = torch.stack([signals[i][name] for i in have])
-            for i, baseline in zip(have, leave_one_out(stacked, 0)):
-                baselines[i][name] = baseline
+        if self.vectorize_particles:
+            dim = self._particle_dim()
+            for name, f in signals[0].items():
+                if name in baselines[0] or f.size(0) > 1 or f.dim() - 1 < -dim:
+                    continue
+                if f.size(dim) == self.runs:
+                    baselines[0][name] = _grouped(leave_one_out, f[0], dim, group)
+            return
+        for start in range(0, len(signals), group):
+            chunk = range(start, start + group)
+            names = {name for i in chunk for name in signals[i]}
+            for name in names:
+                have = [
+                    i
+                    for i in chunk
+                    if name in signals[i]
+                    and name not in baselines[i]
+                    and signals[i][name].size(0) == 1
+                ]
+                shapes = {signals[i][name].shape for i in have}
+                if len(have) < 2 or len(shapes) != 1:
+                    continue
+                stacked = torch.stack([signals[i][name][0] for i in have])
+                for i, baseline in zip(have, leave_one_out(stacked, 0)):
+                    baselines[i][name] = baseline
+
+
+#: The number of branches per particle from which running them one by one is worth a warning.
+_WARN_LOOPED_ROWS = 16
+
+
+def _grouped(fn, signal: torch.Tensor, dim: int, group: int) -> torch.Tensor:
+    """``fn(signal, dim)`` within consecutive groups of ``group`` entries along ``dim``."""
+    dim = dim % signal.dim()
+    shape = signal.shape
+    grouped = signal.reshape(shape[:dim] + (-1, group) + shape[dim + 1 :])
+    return fn(grouped, dim + 1).reshape(shape)
+
+
+def _model_log_p(particle: Particle) -> torch.Tensor:
+    """The model's log-density, with gradient, at the base run's detached values."""
+    ctx, log_p = particle.context, LogPMessenger()
+    with pyro.validation_enabled(False):
+        model_costs(
+            ctx.model,
+            ctx.args,
+            ctx.kwargs,
+            MultiFrameTensor(),
+            detached(particle.sampler.values),
+            log_p,
+        )
+    return torch.as_tensor(log_p.log_p)
+
+
+def _trainable(particles: list[Particle]) -> bool:
+    return any(
+        site["type"] == "param"
+        for particle in particles
+        for trace in (particle.model_trace, particle.guide_trace)
+        for site in trace.nodes.values()
+    )
+
+
+def _read(loss: torch.Tensor, particles: list[Particle]) -> float:
+    """
+    The loss as a float, read from the device together with the flags of Bernoulli logits that
+    hold a NaN; raises :class:`ValueError` naming the first such site.
+    """
+    flags = [(name, flag) for p in particles for name, flag in p.sampler.nan_logits.items()]
+    if not flags:
+        return torch_item(loss)
+    values = torch.stack([loss.detach().float().reshape(())] + [f.float() for _, f in flags])
+    values = values.tolist()
+    for (name, _), bad in zip(flags, values[1:]):
+        if bad:
+            raise ValueError(
+                f"At site '{name}': the logits of the Bernoulli distribution hold NaN; "
+                "the guide computed them from non-finite inputs or parameters"
+            )
+    return values[0]
 
 
 def _warn_if_not_finite(values: list[tuple[str, torch.Tensor]]) -> None:

@@ -307,6 +307,7 @@ def assert_unbiased(
     check_loss: bool = True,
     min_calls: int = 30,
     params: list | None = None,
+    reference: Callable | None = None,
 ) -> UnbiasedReport:
     """
     Draws ``num_samples`` particles' worth of independent estimates (``num_samples //
@@ -316,10 +317,10 @@ def assert_unbiased(
     table otherwise. Params must already be in the param store (or be created by the model and
     guide with fixed initial values). ``params`` restricts the check to the gradients of the
     params it names (e.g. to leave out the params of a learned baseline, which have their own
-    loss).
+    loss). ``reference`` replaces :func:`exact_loss_and_grads` as the exact reference.
     """
     kwargs = kwargs or {}
-    exact_loss, exact_grads = exact_loss_and_grads(model, guide, *args, **kwargs)
+    exact_loss, exact_grads = (reference or exact_loss_and_grads)(model, guide, *args, **kwargs)
     names = [n for n in exact_grads if params is None or n in params]
     exact = torch.cat(
         [torch.tensor([exact_loss], dtype=torch.float64, device="cpu")]

@@ -10,7 +10,7 @@ import pyro
 import pytest
 import torch
 
-from pyro_arm import TraceARM_ELBO, multisample_elbo, trace_arm_elbo
+from pyro_arm import TraceARM_ELBO, trace_arm_elbo
 from pyro_arm.baselines import (
     BaselineOptions,
     baseline_options,
@@ -102,7 +102,7 @@ def test_checker_rejects_baseline_including_own_particle(vectorize, monkeypatch)
 
 @pytest.mark.parametrize(
     "module, options",
-    [(trace_arm_elbo, {}), (multisample_elbo, {"estimator": "arms", "num_samples": 3})],
+    [(trace_arm_elbo, {}), (trace_arm_elbo, {"estimator": "arms", "num_samples": 3})],
     ids=["arm", "arms"],
 )
 def test_nn_baseline_is_registered_and_trained(module, options, monkeypatch):

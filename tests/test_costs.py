@@ -11,7 +11,8 @@ from pyro.infer.enum import get_importance_trace
 
 from pyro_arm import costs
 from pyro_arm.costs import ReplayValuesMessenger, costs_of, run_costs, trace_cost_terms
-from pyro_arm.messengers import BaseSampleMessenger
+from pyro_arm.estimators import get_estimator
+from pyro_arm.sampler import SampleMessenger
 from tests import tiny_models
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -22,7 +23,7 @@ CASES = list(tiny_models.CASES) + ["factor_in_guide", "categorical_in_plate"]
 def both_costs(case):
     """The costs of one base run from its traces, and from the lean pass held at its values."""
     model, guide, args = getattr(tiny_models, case)()
-    sampler = BaseSampleMessenger()
+    sampler = SampleMessenger(get_estimator("arm"))
     model_trace, guide_trace = get_importance_trace(
         "flat", float("inf"), model, sampler(guide), args, {}
     )

@@ -10,7 +10,8 @@ import pytest
 
 from pyro_arm import TraceARM_ELBO, particle
 from pyro_arm.dependencies import Dependencies, needs_dependencies, trace_dependencies
-from pyro_arm.messengers import BaseSampleMessenger
+from pyro_arm.estimators import get_estimator
+from pyro_arm.sampler import SampleMessenger
 from pyro_arm.signals import signal_frames
 from tests import tiny_models
 from tests.exact import assert_unbiased
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("float64")
 def base_run(case):
     """A base run of a tiny model: (model, guide, args, guide trace, sampler)."""
     model, guide, args = getattr(tiny_models, case)()
-    sampler = BaseSampleMessenger()
+    sampler = SampleMessenger(get_estimator("arm"))
     guide_trace = pyro.poutine.trace(sampler(guide)).get_trace(*args)
     return model, guide, args, guide_trace, sampler
 
@@ -61,7 +62,7 @@ def test_held_values_carry_their_parameters_provenance():
 )
 def test_needs_dependencies(case, needed):
     _, _, _, guide_trace, sampler = base_run(case)
-    assert needs_dependencies(guide_trace, sampler.arm_sites) is needed
+    assert needs_dependencies(guide_trace, sampler.samples) is needed
 
 
 @pytest.mark.parametrize("reads", [False, True])

@@ -15,9 +15,8 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from pyro_arm import TraceARM_ELBO
-from pyro_arm.estimators import bernoulli_pair
-from pyro_arm.messengers import BaseSampleMessenger
-from pyro_arm.multisample_elbo import CopulaSampleMessenger
+from pyro_arm.estimators import bernoulli_pair, get_estimator
+from pyro_arm.sampler import SampleMessenger
 from tests.exact import bonferroni_z, draw_estimates, exact_loss_and_grads
 
 LOW = [torch.bfloat16, torch.float16]
@@ -27,10 +26,10 @@ Z = 5.0
 
 def sample_pair(guide):
     """(z1, z2) of the one ARM site of ``guide``, from the base sampler."""
-    sampler = BaseSampleMessenger()
+    sampler = SampleMessenger(get_estimator("arm"))
     sampler(guide)()
-    (arm,) = sampler.arm_sites.values()
-    return arm.z1, arm.z2
+    (sample,) = sampler.samples.values()
+    return sample.z[1], sample.z[0]
 
 
 def assert_binomial(z: torch.Tensor, p: float):
@@ -165,9 +164,9 @@ def test_multisample_gradients_unbiased(dtype, estimator):
 def test_copula_sampling_probabilities_at_logits(dtype, logits):
     """Every one of the n = 3 copula samples is Bernoulli(sigmoid(logits)): the copula's
     uniforms are ordered and compared in float32, not in the logits' dtype."""
-    sampler = CopulaSampleMessenger(3)
+    sampler = SampleMessenger(get_estimator("arms"), 3)
     sampler(site_guide(dtype, logits=logits))()
-    (copula,) = sampler.copulas.values()
+    (copula,) = sampler.samples.values()
     assert copula.z.dtype == dtype and copula.v.dtype == torch.float32
     p = torch.sigmoid(torch.tensor(logits, dtype=torch.float64)).item()
     for z in copula.z:

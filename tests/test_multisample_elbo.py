@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-TraceARM_ELBO with the multi-sample estimators (pyro_arm/multisample_elbo.py): validation of
+TraceARM_ELBO with the multi-sample estimators (pyro_arm/particle.py): validation of
 ``num_samples``, unbiasedness against exact enumeration on every tiny model for n = 2, 3, 4
 (vectorized and sequential), the checker's power against a wrong
 copula weight, ARMS-2 = DisARM, and gradient variance at equal evaluations. Everything runs
@@ -12,7 +12,7 @@ import pytest
 import torch
 from pyro.infer import TraceGraph_ELBO
 
-from pyro_arm import TraceARM_ELBO, multisample, multisample_elbo
+from pyro_arm import TraceARM_ELBO, multisample, trace_arm_elbo
 from tests import tiny_models
 from tests.exact import assert_unbiased, draw_estimates
 from tests.tiny_models import CASES
@@ -99,7 +99,7 @@ def test_checker_rejects_wrong_copula_weight(n, monkeypatch):
         assert_unbiased(elbo, model, guide, args, num_samples=4000, seed=0)
 
 
-def _antithetic_uniforms(n, shape, dtype, device):
+def _antithetic_uniforms(n, shape, generator=None, dtype=None, device=None):
     u = torch.rand(shape, dtype=dtype, device=device)  # as DisARM draws its uniforms
     return torch.stack([u, 1 - u])
 
@@ -109,7 +109,7 @@ def _antithetic_uniforms(n, shape, dtype, device):
     "case", ["one_layer", "two_layer", "three_layer", "global_then_local", "local_then_global"]
 )
 def test_arms_two_samples_is_disarm(case, vectorize, monkeypatch):
-    monkeypatch.setattr(multisample_elbo, "copula_uniforms", _antithetic_uniforms)
+    monkeypatch.setattr(multisample, "arms_uniforms", _antithetic_uniforms)
     model, guide, args = CASES[case]()
     pyro.clear_param_store()
     TraceGraph_ELBO().loss(model, guide, *args)  # creates the params
@@ -183,14 +183,14 @@ def test_arms_uses_site_baseline_unbiased(kind, mode):
         vectorize_particles=vectorize,
     )
     calls = []
-    original = multisample_elbo.site_baseline
+    original = trace_arm_elbo.site_baseline
 
     def spy(*a, **k):
         calls.append(a[0])
         return original(*a, **k)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(multisample_elbo, "site_baseline", spy)
+        m.setattr(trace_arm_elbo, "site_baseline", spy)
         assert_unbiased(
             elbo, model, guide, args, num_samples=num_samples, seed=0, params=BASELINE_PARAMS
         )
@@ -202,7 +202,7 @@ def test_checker_rejects_site_baseline_including_own_sample(monkeypatch):
     (the weights are computed alike in both modes: checked vectorized)."""
     vectorize = True
     monkeypatch.setattr(
-        multisample_elbo, "site_baseline", lambda name, site, signal, options: (signal, 0.0)
+        trace_arm_elbo, "site_baseline", lambda name, site, signal, options: (signal, 0.0)
     )
     model, guide, args = tiny_models.categorical_in_plate("value")
     elbo = TraceARM_ELBO(

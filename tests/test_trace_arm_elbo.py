@@ -150,16 +150,18 @@ def test_checker_detects_branch_subsample_not_reused(monkeypatch):
     """
     from pyro.poutine.util import site_is_subsample
 
-    from pyro_arm.messengers import BranchMessenger as branch
+    from pyro_arm.costs import ReplayValuesMessenger as replay
+    from pyro_arm.sampler import BranchMessenger as branch
 
-    original = branch._pyro_sample
+    for handler in (branch, replay):  # the branches of guide and model, and of the model alone
+        original = handler._pyro_sample
 
-    def fresh_subsample(self, msg):
-        if site_is_subsample(msg):
-            return  # let Pyro draw a new subsample
-        original(self, msg)
+        def fresh_subsample(self, msg, original=original):
+            if site_is_subsample(msg):
+                return  # let Pyro draw a new subsample
+            original(self, msg)
 
-    monkeypatch.setattr(branch, "_pyro_sample", fresh_subsample)
+        monkeypatch.setattr(handler, "_pyro_sample", fresh_subsample)
     model, guide, args = subsampled()
     elbo = TraceARM_ELBO(num_particles=1, estimator="disarm")
     with pytest.raises(AssertionError, match="biased components"):

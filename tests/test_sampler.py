@@ -10,7 +10,8 @@ import torch
 from pyro.infer.util import MultiFrameTensor
 
 from pyro_arm.costs import CostMessenger
-from pyro_arm.messengers import BaseSampleMessenger, BatchedBranchMessenger, BranchMessenger
+from pyro_arm.estimators import get_estimator
+from pyro_arm.sampler import BranchMessenger, SampleMessenger
 from tests import tiny_models
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -26,18 +27,19 @@ def guide_values(guide, args) -> dict:
 @pytest.mark.parametrize("case", ["two_layer", "three_layer"])
 def test_batched_branches_match_sequential_ones(case):
     model, guide, args = getattr(tiny_models, case)()
-    base = BaseSampleMessenger()
+    base = SampleMessenger(get_estimator("arm"))
     with torch.no_grad():
         base(guide)(*args)
-    names = list(base.arm_sites)
+    names = list(base.samples)
+    plan = [(name, 1) for name in names]
     branch_dim = -2 if case == "two_layer" else -1  # left of the data plate, if any
     branches = pyro.plate("branches", len(names), dim=branch_dim)
-    batched = guide_values(BatchedBranchMessenger(base, names, branch_dim)(branches(guide)), args)
+    batched = guide_values(BranchMessenger(base, plan, branch_dim)(branches(guide)), args)
     for index, name in enumerate(names):
-        sequential = guide_values(BranchMessenger(base, name)(guide), args)
+        sequential = guide_values(BranchMessenger(base, [(name, 1)])(guide), args)
         for site in names:
             assert torch.equal(batched[site][index], sequential[site]), (name, site)
-        assert torch.equal(sequential[name], base.arm_sites[name].z1)
+        assert torch.equal(sequential[name], base.samples[name].z[1])
         before = names[: names.index(name)]
         assert all(torch.equal(sequential[s], base.values[s]) for s in before)
 
@@ -45,9 +47,9 @@ def test_batched_branches_match_sequential_ones(case):
 def test_pair_is_base_value_and_twin():
     """The base run's value of an ARM site is the z2 of its pair; u is kept in float64 here."""
     model, guide, args = tiny_models.two_layer()
-    base = BaseSampleMessenger()
+    base = SampleMessenger(get_estimator("arm"))
     with torch.no_grad():
         base(guide)(*args)
-    for name, arm in base.arm_sites.items():
-        assert torch.equal(base.values[name], arm.z2)
-        assert arm.u.dtype == torch.float64
+    for name, sample in base.samples.items():
+        assert torch.equal(base.values[name], sample.z[0])
+        assert sample.v.dtype == torch.float64
