@@ -66,11 +66,11 @@ class Trainer:
     its output read line by line by a thread.
     """
 
-    def __init__(self, run_dir: Path, launcher=(sys.executable,), **extra):
+    def __init__(self, run_dir: Path, launcher=(sys.executable,), flags=(), **extra):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         args = cli_args({**COMMON, **extra, "run_dir": run_dir})
         self.proc = subprocess.Popen(
-            [*launcher, "-m", "pyro_arm", "train", *args, "--no-progress"],
+            [*launcher, "-m", "pyro_arm", "train", *args, *flags, "--no-progress"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env,
         )  # fmt: skip
         self.lines: list[str] = []

@@ -9,10 +9,12 @@ Pyro estimator (see :mod:`pyro_arm.sbn.train`). Its options are generated from t
 checkpoint: options not given are taken from the saved run, and options that fix the trajectory
 (:data:`~pyro_arm.sbn.config.TRAJECTORY_FIELDS`) may not change.
 
-Bad input, a diverged run and a file-system error (read-only folder, full disk) end with one line
+Bad input, a run folder in use by another run, a diverged run, a file-system error (read-only
+folder, full disk) and too little memory end with one line
 ``pyro-arm: error: <what is wrong and what to do>`` and exit status 2. The first SIGINT (Ctrl-C)
 or SIGTERM lets the current step finish, saves a checkpoint of it and exits with status 130
-(SIGINT) or 143 (SIGTERM); a second one aborts at once, keeping the last checkpoint. Under
+(SIGINT) or 143 (SIGTERM); a second one aborts at once, keeping the last checkpoint, and one
+after the stop ends the process at once with 128 + its number. Under
 ``torchrun`` every rank stops after the same step (:mod:`pyro_arm.sbn.distributed`), and the
 messages of a clean stop or a divergence, which all ranks share, are printed by rank 0 alone.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 from typing import NoReturn, Optional, Sequence
 
@@ -28,7 +31,8 @@ from pyro_arm.sbn.checkpoint import load_checkpoint
 from pyro_arm.sbn.config import TRAJECTORY_FIELDS, ConfigError, TrainConfig, flag
 from pyro_arm.sbn.data import DataError
 from pyro_arm.sbn.distributed import Ranks, shutdown
-from pyro_arm.sbn.rundir import check_location
+from pyro_arm.sbn.interrupts import ExitSignals, signal_name
+from pyro_arm.sbn.rundir import check_location, run_folder
 from pyro_arm.sbn.train import TrainingDiverged, TrainingInterrupted, train
 
 PROG = "pyro-arm"
@@ -119,12 +123,15 @@ def resume_config(saved: dict, config: TrainConfig, explicit: set[str]) -> Train
 def _train(args: argparse.Namespace) -> None:
     config, explicit = config_from_args(args)
     config.validate()
-    checkpoint = None
-    check_location(config.resolved_run_dir())
-    if args.resume:
-        checkpoint = load_checkpoint(config.resolved_run_dir() / "checkpoint.pt")
-        config = resume_config(checkpoint["config"], config, explicit)
-    train(config, checkpoint=checkpoint, progress=not args.no_progress)
+    run_dir = config.resolved_run_dir()
+    check_location(run_dir)
+    # the lock is taken before the checkpoint is read, so that no other run changes it meanwhile
+    with run_folder(run_dir, fresh=not args.resume, writer=Ranks.from_env().is_main):
+        checkpoint = None
+        if args.resume:
+            checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+            config = resume_config(checkpoint["config"], config, explicit)
+        train(config, checkpoint=checkpoint, progress=not args.no_progress)
 
 
 def _error(message: str, status: int = 2, every_rank: bool = True) -> int:
@@ -146,9 +153,26 @@ def _os_error(e: OSError) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """
-    Runs ``pyro-arm``; returns the exit status: 0 success, 2 bad input (or a diverged run, or a
-    file-system error), 128 + the signal number when interrupted (130 SIGINT, 143 SIGTERM).
+    Runs ``pyro-arm``; returns the exit status: 0 success, 2 bad input (or a diverged run, a
+    file-system error, too little memory), 128 + the signal number when interrupted (130 SIGINT,
+    143 SIGTERM).
+
+    :param argv: the arguments; None for those of the process (``sys.argv``), which runs
+        ``pyro-arm`` as the program: its signal handlers
+        (:class:`~pyro_arm.sbn.interrupts.ExitSignals`) then stay
+        installed until the process exits, while a call with ``argv`` restores the previous ones.
     """
+    with ExitSignals(restore=argv is not None) as signals:
+        try:
+            return _main(argv)
+        except KeyboardInterrupt as e:  # one that came outside the handlers of _main
+            return _interrupted(e)
+        finally:
+            signals.done()  # a further signal ends the process at once
+            shutdown()  # leaves the process group of a torchrun run
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -167,11 +191,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _error(_os_error(e))
     except TrainingInterrupted as e:
         return _error(str(e), 128 + e.signum, every_rank=e.aborted)
-    except KeyboardInterrupt:
-        return _error("interrupted", 130)
-    finally:
-        shutdown()  # leaves the process group of a torchrun run
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     return 0
+
+
+def _interrupted(e: KeyboardInterrupt) -> int:
+    signum = getattr(e, "signum", signal.SIGINT)
+    return _error(f"interrupted by {signal_name(signum)}", 128 + signum)
 
 
 if __name__ == "__main__":

@@ -21,10 +21,12 @@ for bit on the same device, as an uninterrupted run.
 
 Nothing finished is lost, and nothing is overwritten: the first SIGINT or SIGTERM lets the
 current step finish and saves it (:mod:`~pyro_arm.sbn.interrupts`; a second one aborts, leaving
-the last checkpoint); a step whose loss or parameters are not finite ends the run
-(:class:`TrainingDiverged`) before it is saved; a fresh run only starts in a missing or empty
-folder, and removes what it wrote if it fails before its first checkpoint
-(:mod:`~pyro_arm.sbn.rundir`).
+the last checkpoint; one during the final evaluation stops it, the checkpoint being saved); a
+step whose loss or parameters are not finite ends the run (:class:`TrainingDiverged`) before it
+is saved, as does a failed allocation (:class:`~pyro_arm.sbn.resources.OutOfMemory`); a run
+holds the lock of its folder, so that no other run writes there meanwhile; a fresh run only
+starts in a missing or empty folder, and removes what it wrote if it fails before its first
+checkpoint (:mod:`~pyro_arm.sbn.rundir`).
 
 All losses are in nats per datapoint; ``train_loss`` is the mean training ``-ELBO`` over the
 steps since the previous row.
@@ -35,7 +37,6 @@ changes (the shard of each batch, DDP, the ranks' random streams, rank-0 writes)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -60,8 +61,8 @@ from pyro_arm.sbn.files import atomic_write_text
 from pyro_arm.sbn.interrupts import Aborted, StopSignals, signal_name
 from pyro_arm.sbn.metrics import append_metrics, read_metrics, truncate_metrics, write_metrics
 from pyro_arm.sbn.models import SigmoidBeliefNet, build_sbn
-from pyro_arm.sbn.resources import check_fits
-from pyro_arm.sbn.rundir import check_fresh, check_location, fresh_run_folder
+from pyro_arm.sbn.resources import OutOfMemory, allocation_failed, check_fits, is_out_of_memory
+from pyro_arm.sbn.rundir import check_location, run_folder
 from pyro_arm.sbn.seeding import Stream, forked, generator, seed_global
 
 __all__ = ["TrainingDiverged", "TrainingInterrupted", "make_elbo", "train"]
@@ -73,14 +74,29 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     :param signum: the signal (SIGINT for a plain ``KeyboardInterrupt``).
     :param aborted: a second signal stopped the run at once, without saving.
+    :param evaluating: the signal stopped the final evaluation, after the last checkpoint.
     """
 
-    def __init__(self, step: int, run_dir: Path, signum: int = signal.SIGINT, aborted=False):
+    def __init__(
+        self,
+        step: int,
+        run_dir: Path,
+        signum: int = signal.SIGINT,
+        aborted: bool = False,
+        evaluating: bool = False,
+    ):
         super().__init__(step, run_dir)
         self.step, self.run_dir, self.signum, self.aborted = step, run_dir, signum, aborted
+        self.evaluating = evaluating
 
     def __str__(self) -> str:
         name = signal_name(self.signum)
+        if self.evaluating:
+            return (
+                f"interrupted by {name} during the final evaluation; checkpoint of step "
+                f"{self.step} saved in {self.run_dir}; the same command plus --resume finishes "
+                "the evaluation without retraining"
+            )
         if self.step == 0:
             saved = "no checkpoint had been written yet, so nothing was kept"
         elif self.aborted:
@@ -167,8 +183,10 @@ def _build(config: TrainConfig) -> _Run:
     pyro.clear_param_store()
     try:
         sbn = build_sbn(config.model, data.train_pixel_mean()).to(device)
-    except RuntimeError as e:  # torch.OutOfMemoryError and other allocator errors
-        raise ConfigError(
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise OutOfMemory(
             f"--model {config.model} does not fit in memory ({e}); choose smaller layers"
         ) from None
     elbo = make_elbo(
@@ -177,6 +195,7 @@ def _build(config: TrainConfig) -> _Run:
         config.vectorize,
         config.num_samples,
         config.model_grad,
+        config.objective,
     )
     stream = _TrainStream(data, config.batch_size, config.seed, device, ranks)
     x_valid = data.fixed("valid", seed=0).to(device)
@@ -324,6 +343,7 @@ class _Loop:
         return self.state.step % every == 0 or self.state.step == self.run.config.steps
 
     def _step_and_row(self) -> float:
+        self.where = f"in step {self.state.step + 1}"
         try:
             loss = _train_step(self.run, self.state)
         except FloatingPointError as e:
@@ -332,6 +352,7 @@ class _Loop:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{self.state.ema:.2f}", refresh=False)
         if self._due(self.run.config.eval_every):
+            self.where = f"in the validation after step {self.state.step}"
             row = _metrics_row(self.run, self.state)
             self.say(
                 f"step {row['step']}: train -ELBO {row['train_loss']:.2f}, "
@@ -353,6 +374,7 @@ class _Loop:
             loss = self._step_and_row()
             self.consistent = True
             if self._due(self.run.config.checkpoint_every):
+                self.where = f"saving the checkpoint of step {self.state.step}"
                 self.save()
             if self.callback is not None:
                 self.callback(self.state.step, loss)
@@ -360,10 +382,14 @@ class _Loop:
     def __call__(self) -> None:
         """Runs up to ``config.steps`` and saves; on a stop, saves what is consistent and raises
         :class:`TrainingInterrupted`."""
-        self.consistent = True
+        self.consistent, self.where = True, "saving the last checkpoint"
         try:
             self._steps()
             self.save()
+        except (MemoryError, RuntimeError) as e:  # nothing of the failed step is saved
+            if not is_out_of_memory(e):
+                raise
+            raise _out_of_memory(e, self.run, self.where, self.saved_step) from None
         except Aborted as e:
             raise TrainingInterrupted(self.saved_step, self.run.dir, e.signum, True) from None
         except KeyboardInterrupt:  # raised inside a step (no signal handler, or a callback)
@@ -377,6 +403,21 @@ class _Loop:
         signum = self._stop_agreed()  # a signal during the last step stops every rank too
         if signum is not None:
             raise TrainingInterrupted(self.saved_step, self.run.dir, signum)
+
+
+def _out_of_memory(error: BaseException, run: _Run, where: str, saved_step: int) -> OutOfMemory:
+    """The one-line error of an allocator's failure in training."""
+    config = run.config
+    kept = (
+        f"the checkpoint of step {saved_step} in {run.dir} is kept"
+        if saved_step
+        else "no checkpoint had been written"
+    )
+    return OutOfMemory(
+        f"out of memory {where} ({allocation_failed(error)}); {kept}; start again in a new "
+        f"--run-dir with a smaller --batch-size (now {config.batch_size}) or smaller layers "
+        f"(--model {config.model})"
+    )
 
 
 def _summary(run: _Run, state: TrainState, result: dict, eval_wall_s: float) -> dict:
@@ -451,35 +492,51 @@ def train(
     :param log: where the one-line messages go.
     :param callback: ``callback(step, loss)`` after every step (``step`` counts finished steps).
     :returns: the summary dict, also written to ``summary.json``.
-    :raises ConfigError: bad options or run folder. :raises DataError: bad data.
+    :raises ConfigError: bad options or run folder (also
+        :class:`~pyro_arm.sbn.rundir.RunFolderBusy`: another run holds the folder; and
+        :class:`~pyro_arm.sbn.resources.OutOfMemory`: an allocation failed, nothing of it saved).
+    :raises DataError: bad data.
     :raises TrainingInterrupted: on SIGINT / SIGTERM (``KeyboardInterrupt``), after the current
-        step and a checkpoint of it; at once, without saving, on a second signal.
+        step and a checkpoint of it; at once, without saving, on a second signal; at once during
+        the final evaluation (the checkpoint is saved: ``--resume`` evaluates it).
     :raises TrainingDiverged: if the loss or the parameters become non-finite (the last
         checkpoint is kept).
     """
     config.validate()
     run_dir = config.resolved_run_dir()
     check_location(run_dir)
-    if checkpoint is None:
-        check_fresh(run_dir)
-    else:
+    if checkpoint is not None:
         _check_resume(checkpoint, config)
     _apply_threads(config)
     main = Ranks.from_env().is_main  # only rank 0 writes files and messages
     if not main:
         progress, log = False, _silent
     with StopSignals(_STOP_MESSAGE if main else "") as stop:
-        try:
-            run = _build(config)
-            with _run_folder(run, fresh=checkpoint is None):
+        with run_folder(run_dir, fresh=checkpoint is None, writer=main):
+            try:
+                run = _build(config)
                 state = _start(run, checkpoint, log)
                 if main:
                     _write_info(run)
                 _run_loop(run, state, progress, log, callback, stop)
-        except Aborted as e:  # before or after the loop: the checkpoint is as it was
-            step = int(checkpoint["step"]) if checkpoint is not None else 0
-            raise TrainingInterrupted(step, run_dir, e.signum, aborted=True) from None
-    return _finish(run, state, log)
+            except Aborted as e:  # before or after the loop: the checkpoint is as it was
+                step = int(checkpoint["step"]) if checkpoint is not None else 0
+                raise TrainingInterrupted(step, run_dir, e.signum, aborted=True) from None
+            stop.at_once()  # nothing is left to save: a signal interrupts the evaluation
+            try:
+                return _finish(run, state, log)
+            except KeyboardInterrupt as e:
+                signum = getattr(e, "signum", signal.SIGINT)
+                raise TrainingInterrupted(state.step, run_dir, signum, evaluating=True) from None
+            except (MemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                raise OutOfMemory(
+                    f"out of memory in the final evaluation ({allocation_failed(e)}); the "
+                    f"checkpoint of step {state.step} in {run_dir} is kept: give the process "
+                    "more memory and --resume to finish the evaluation, or start again in a new "
+                    f"--run-dir with smaller layers (--model {config.model})"
+                ) from None
 
 
 _STOP_MESSAGE = "stopping after the current step (send it again to abort at once)"
@@ -487,13 +544,6 @@ _STOP_MESSAGE = "stopping after the current step (send it again to abort at once
 
 def _silent(message: str) -> None:
     """The log of ranks other than 0."""
-
-
-def _run_folder(run: _Run, fresh: bool):
-    """:func:`~pyro_arm.sbn.rundir.fresh_run_folder` for a fresh run on rank 0; else nothing."""
-    if fresh and run.ranks.is_main:
-        return fresh_run_folder(run.dir)
-    return contextlib.nullcontext()
 
 
 def _run_loop(run: _Run, state: TrainState, progress: bool, log, callback, stop) -> None:
