@@ -21,13 +21,14 @@ import torch
 
 from pyro_arm.estimators import ESTIMATORS, check_num_samples
 from pyro_arm.sbn.data import BINARIZATIONS
-from pyro_arm.sbn.elbo import estimator_choices
+from pyro_arm.sbn.elbo import IW_ESTIMATORS, OBJECTIVES, PYRO_BASELINES, estimator_choices
 from pyro_arm.sbn.models import ARCHITECTURES, parse_architecture
 from pyro_arm.trace_arm_elbo import MODEL_GRADS
 
 #: Config fields that fix the training trajectory; a resumed run may not change them.
 TRAJECTORY_FIELDS = (
     "model",
+    "objective",
     "estimator",
     "batch_size",
     "lr",
@@ -141,10 +142,15 @@ class TrainConfig:
         check=_architecture,
         metavar="NAME",
     )
+    objective: str = option(
+        "elbo",
+        "elbo, or iwae: the importance-weighted bound with --num-samples samples (IWELBO)",
+        choices=lambda: OBJECTIVES,
+    )
     estimator: str = option(
         "disarm",
-        "an estimator of pyro_arm.estimators.ESTIMATORS (TraceARM_ELBO), or trace (Trace_ELBO) "
-        "or tracegraph (TraceGraph_ELBO)",
+        "with elbo: an estimator of pyro_arm.estimators.ESTIMATORS (TraceARM_ELBO), or trace "
+        "(Trace_ELBO) or tracegraph (TraceGraph_ELBO); with iwae: vimco, disarm or arms",
         choices=estimator_choices,
     )
     steps: int = option(
@@ -222,6 +228,19 @@ class TrainConfig:
             check = field.metadata["check"]
             if check is not None:
                 check(field.name, value)
+        if self.objective == "iwae":
+            if self.estimator not in IW_ESTIMATORS:
+                raise ConfigError(
+                    f"{flag('estimator')} {self.estimator}: the iwae objective takes "
+                    f"{', '.join(IW_ESTIMATORS)}"
+                )
+            if self.num_samples is not None and self.num_samples < 2:
+                raise ConfigError(f"{flag('num_samples')}: the iwae objective needs >= 2")
+            if self.model_grad is not None:
+                raise ConfigError(f"{flag('model_grad')}: not taken by the iwae objective")
+            return
+        if self.estimator not in ESTIMATORS and self.estimator not in PYRO_BASELINES:
+            raise ConfigError(f"{flag('estimator')} {self.estimator}: only with --objective iwae")
         if self.estimator in ESTIMATORS:
             try:
                 check_num_samples(ESTIMATORS[self.estimator], self.num_samples)

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-The ELBO for an ``--estimator`` name: an estimator of the registry
-:data:`pyro_arm.estimators.ESTIMATORS` (via :class:`~pyro_arm.TraceARM_ELBO`) or one of Pyro's
-score-function baselines (:data:`PYRO_BASELINES`).
+The objective for an ``--objective`` and ``--estimator``: the ELBO with an estimator of the
+registry :data:`pyro_arm.estimators.ESTIMATORS` (via :class:`~pyro_arm.TraceARM_ELBO`) or one of
+Pyro's score-function baselines (:data:`PYRO_BASELINES`), or the importance-weighted bound
+(:class:`~pyro_arm.IWELBO`) with one of :data:`IW_ESTIMATORS`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,17 @@ from typing import Optional
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO
 
 from pyro_arm.estimators import ESTIMATORS
+from pyro_arm.iwelbo import IWELBO
 from pyro_arm.trace_arm_elbo import TraceARM_ELBO
 
 #: Pyro's own ELBOs, selectable by name beside the ARM family.
 PYRO_BASELINES: dict[str, type] = {"trace": Trace_ELBO, "tracegraph": TraceGraph_ELBO}
+
+#: The objectives: the ELBO, or the importance-weighted bound.
+OBJECTIVES: tuple[str, ...] = ("elbo", "iwae")
+
+#: The estimators of the importance-weighted bound (:class:`~pyro_arm.IWELBO`).
+IW_ESTIMATORS: tuple[str, ...] = ("vimco", "disarm", "arms")
 
 
 def estimator_choices() -> tuple[str, ...]:
@@ -23,7 +31,8 @@ def estimator_choices() -> tuple[str, ...]:
     The valid estimator names: the registry's, read at call time (so an estimator registered in
     :data:`~pyro_arm.estimators.ESTIMATORS` is accepted), then :data:`PYRO_BASELINES`.
     """
-    return tuple(ESTIMATORS) + tuple(n for n in PYRO_BASELINES if n not in ESTIMATORS)
+    names = tuple(ESTIMATORS) + IW_ESTIMATORS + tuple(PYRO_BASELINES)
+    return tuple(dict.fromkeys(names))
 
 
 def make_elbo(
@@ -32,6 +41,7 @@ def make_elbo(
     vectorize: bool = False,
     num_samples: Optional[int] = None,
     model_grad: Optional[str] = None,
+    objective: str = "elbo",
 ) -> ELBO:
     """
     The ELBO object for an estimator name (one plate: the data plate at dim -1).
@@ -42,9 +52,20 @@ def make_elbo(
     :param num_samples: samples per estimate of a multi-sample estimator (``rloo``, ``arms``).
     :param model_grad: ``"base"``, ``"all"`` (``arms`` only) or ``None``: the estimator's
         default (:class:`~pyro_arm.TraceARM_ELBO`).
+    :param objective: ``"elbo"``, or ``"iwae"``: the importance-weighted bound with
+        ``num_samples`` samples (default 2) and an estimator of :data:`IW_ESTIMATORS`.
     :raises ValueError: for an unknown name, or a ``num_samples`` the estimator does not take.
     """
     kwargs = dict(num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=1)
+    if objective == "iwae":
+        if estimator not in IW_ESTIMATORS or model_grad is not None:
+            raise ValueError(
+                f"the iwae objective takes an estimator of {', '.join(IW_ESTIMATORS)} and no "
+                f"model_grad; got {estimator!r}"
+            )
+        return IWELBO(num_samples=num_samples or 2, estimator=estimator, **kwargs)
+    if objective != "elbo":
+        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
     if estimator in ESTIMATORS:
         return TraceARM_ELBO(
             estimator=estimator, num_samples=num_samples, model_grad=model_grad, **kwargs
