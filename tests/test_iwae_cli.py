@@ -49,5 +49,5 @@ def test_trains_on_the_bound(tmp_path):
     command += ["--test-size", "20", "--checkpoint-every", "2", "--run-dir", str(run)]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     config = json.loads((run / "config.json").read_text())
-    assert config["objective"] == "iwae" and config["estimator"] == "vimco"
+    assert config["config"]["objective"] == "iwae" and config["config"]["estimator"] == "vimco"
     assert (run / "summary.json").exists()
