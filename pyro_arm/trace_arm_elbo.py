@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 from __future__ import annotations
 
+import math
 import numbers
 import warnings
 from typing import Any, Optional
@@ -460,7 +461,7 @@ def _grouped(fn, signal: torch.Tensor, dim: int, group: int) -> torch.Tensor:
     dim = dim % signal.dim()
     shape = signal.shape
     grouped = signal.reshape(shape[:dim] + (-1, group) + shape[dim + 1 :])
-    return fn(grouped, dim + 1).reshape(shape)
+    return fn(grouped, dim + 1).expand(grouped.shape).reshape(shape)
 
 
 def _model_log_p(particle: Particle) -> torch.Tensor:
@@ -489,21 +490,23 @@ def _trainable(particles: list[Particle]) -> bool:
 
 def _read(loss: torch.Tensor, particles: list[Particle]) -> float:
     """
-    The loss as a float, read from the device together with the flags of Bernoulli logits that
-    hold a NaN; raises :class:`ValueError` naming the first such site.
+    The loss as a float, in one read of the device that also tells whether any Bernoulli logits
+    hold a NaN (the loss then reads as NaN); raises :class:`ValueError` naming the first such
+    site.
     """
     flags = [(name, flag) for p in particles for name, flag in p.sampler.nan_logits.items()]
-    if not flags:
-        return torch_item(loss)
-    values = torch.stack([loss.detach().float().reshape(())] + [f.float() for _, f in flags])
-    values = values.tolist()
-    for (name, _), bad in zip(flags, values[1:]):
-        if bad:
-            raise ValueError(
-                f"At site '{name}': the logits of the Bernoulli distribution hold NaN; "
-                "the guide computed them from non-finite inputs or parameters"
-            )
-    return values[0]
+    if flags:
+        bad = torch.stack([flag for _, flag in flags]).any()
+        loss = loss + torch.where(bad, float("nan"), 0.0).to(loss.device)
+    value = torch_item(loss)
+    if flags and math.isnan(value):
+        for name, flag in flags:
+            if bool(flag):
+                raise ValueError(
+                    f"At site '{name}': the logits of the Bernoulli distribution hold NaN; "
+                    "the guide computed them from non-finite inputs or parameters"
+                )
+    return value
 
 
 def _warn_if_not_finite(values: list[tuple[str, torch.Tensor]]) -> None:
