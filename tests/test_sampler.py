@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-The branch handlers of pyro_arm/messengers.py: the batched handler gives, at each index of the
+The branch handler of pyro_arm/sampler.py: batched, it gives, at each index of the
 plate over branches, exactly the values of the sequential handler's branch for that site.
 """
 
