@@ -253,7 +253,7 @@ class TraceARM_ELBO(ELBO):
                 for particle in particles:
                     particle.run_branches(batched)
                 return
-            except (NotImplementedError, RuntimeError, ValueError) as exc:
+            except Exception as exc:  # the looped branches raise what is the model's own
                 self._batch_branches[key] = False
                 self._warn_looped(particles, f"a batched pass of branches failed: {exc}")
         for particle in particles:
@@ -275,20 +275,20 @@ class TraceARM_ELBO(ELBO):
         if len(plan) < 2 or any(p.plan() != plan for p in particles):
             return False
         saved = self.max_plate_nesting
-        try:
-            if saved == float("inf"):
-                self._guess_max_plate_nesting(model, guide, args, kwargs)
-            branch_dim = -self.max_plate_nesting - 1
-        finally:
-            self.max_plate_nesting = saved
         probe = Particle(first.context, first.model_trace, first.guide_trace, first.sampler)
         probe.dependencies = first.dependencies
-        try:
-            with _fork_rng(), torch.no_grad():
+        try:  # the probe may fail in any way: the looped branches then stay
+            with _fork_rng(), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if saved == float("inf"):
+                    self._guess_max_plate_nesting(model, guide, args, kwargs)
+                branch_dim = -self.max_plate_nesting - 1
                 probe.run_branches(branch_dim)
-        except (NotImplementedError, RuntimeError, ValueError) as exc:
+        except Exception as exc:
+            self.max_plate_nesting = saved
             self._warn_looped(particles, f"a batched pass of branches failed: {exc}")
             return False
+        self.max_plate_nesting = saved
         if first.differs_from(probe):
             self._warn_looped(particles, "a batched pass of branches gave other signals")
             return False
