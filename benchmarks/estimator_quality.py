@@ -1,12 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-MNIST quality of the estimators at equal settings (issue 8): trains the linear SBN with
+MNIST quality of the estimators at equal settings: trains the linear SBN with
 ``pyro-arm train`` (vectorized, Adam lr 1e-3, batch 50, threshold binarization) under each
 configuration, ``--jobs`` runs at a time with one thread each, then prints per configuration the
 model evaluations per step, the validation -ELBO at half the steps and at the end, the test
 -ELBO (all test images, one sample each) and the k=1000 importance-weighted bound.
 
-    python -m benchmarks.estimator_quality --data ../shared/data/mnist --steps 100000
+    python -m benchmarks.estimator_quality --data MNIST_DIR --steps 100000
+
+(``MNIST_DIR``: a folder holding the four MNIST IDX files, or ``download``.)
 
 Configurations (``--configs``): ``arm1``, ``disarm1`` (one particle, 2 evaluations per step),
 ``disarm2p`` (two particles), ``rloo4``, ``arms4`` (4 evaluations; ARMS with
