@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Set up a virtual environment (CPU torch first, then the project) and run lint, tests and the
-# docs build (warnings are errors). Extra arguments go to pytest (e.g. -m "not slow").
+# Sets up a virtual environment (CPU torch first, then the project with every extra) and runs
+# ruff, the tests and the docs build (warnings are errors).
+#   bash scripts/test.sh          the fast tier: pytest -m "not slow" (a few minutes on 2 cores)
+#   bash scripts/test.sh --full   every test, on 2 processes (pytest-xdist)
+# Other arguments go to pytest. Which tests are slow is decided in tests/conftest.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+TIER=(-x -m "not slow")
+ARGS=()
+for arg in "$@"; do
+    if [ "$arg" = --full ]; then TIER=(-n 2); else ARGS+=("$arg"); fi
+done
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 . "$VENV/bin/activate"
@@ -11,5 +19,5 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test,docs,bench,lightning]"
 ruff check .
 ruff format --check .
-CI=1 python -m pytest -q -x "$@"
+CI=1 python -m pytest -q "${TIER[@]}" ${ARGS[@]+"${ARGS[@]}"}
 sphinx-build -W --keep-going -q -b html docs docs/_build/html

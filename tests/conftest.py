@@ -1,7 +1,65 @@
 # SPDX-License-Identifier: Apache-2.0
+"""
+Fixtures shared by the tests, and the one place that splits them into two tiers.
+
+- The **fast tier**, ``pytest -m "not slow"`` (``bash scripts/test.sh``), covers every module in
+  a few minutes on two cores: the exact-enumeration checks on the small cases, vectorized and
+  sequential; the CLI end to end on a few steps; one ``torchrun`` launch.
+- The **full tier**, ``pytest`` (``bash scripts/test.sh --full``, ``.ci/run``), adds the tests
+  marked ``slow``: those with ``@pytest.mark.slow`` in their file, and those whose node ids match
+  :data:`SLOW` below (Monte Carlo checks on the larger cases and in sequential mode, power checks
+  of the checkers, subprocess and notebook runs).
+"""
+
+import os
+import re
+from pathlib import Path
+
 import pyro
 import pytest
 import torch
+
+#: Regular expressions searched in each collected test's node id
+#: (``tests/test_file.py::test_name[param-ids]``); a match marks the test ``slow``.
+SLOW = (
+    # Monte Carlo checks against exact enumeration: the fast tier keeps every case vectorized
+    # and the small ones (one and two layers) sequential too
+    r"test_trace_arm_elbo\.py::test_unbiased\[(?!one_layer-|two_layer-)[^]]*-seq-",
+    r"test_trace_arm_elbo\.py::test_factor_in_guide\[.*-seq-",
+    r"test_trace_arm_elbo\.py::test_switch_at_last_site\[",
+    r"test_trace_arm_elbo\.py::test_checker_rejects_model_only_branch_at_switch",
+    r"test_trace_arm_elbo\.py::test_checker_rejects_wrong_estimator\[.*two_layer",
+    r"test_trace_arm_elbo\.py::test_value_dependent_structure_vectorized\[ar-1\]",
+    r"test_trace_arm_elbo\.py::test_value_dependent_structure_sequential\[(ar|disarm)\]",
+    r"test_multisample_elbo\.py::test_unbiased_fast\[(?!one_layer-).*-seq\]",
+    r"test_multisample_elbo\.py::test_arms_uses_site_baseline_unbiased\[.*-seq\]",
+    r"test_multisample_elbo\.py::test_model_grad_base_unbiased\[(?!one_layer-).*-seq\]",
+    r"test_baselines\.py::test_unbiased_categorical_with_baseline\[.*-seq-",
+    r"test_baselines\.py::test_checker_rejects_baseline_including_own_particle",
+    r"test_dependencies\.py::test_unbiased_global_after_locals\[.*-seq-",
+    r"test_dependencies\.py::test_unbiased_categorical_steering_control_flow",
+    r"test_dependencies\.py::test_checker_rejects_provenance_only_signal_under_control_flow",
+    r"test_iwelbo\.py::test_unbiased\[(?!one_layer-2-)[^]]*-seq\]",
+    r"test_engine\.py::test_estimator_registered_from_outside\[(?!one_layer-).*-seq\]",
+    r"test_engine\.py::test_probe_keeps_a_model_that_breaks_batching_looped",
+    r"test_engine\.py::test_checker_rejects_batching_a_model_that_breaks_it",
+    # variance comparisons: the fast tier keeps ARM against the score function and DisARM
+    # against ARM
+    r"test_variance\.py::(?!test_arm_variance_well_below|test_disarm_variance_below_arm)",
+    # processes: the fast tier keeps one torchrun launch and one DDP gradient check
+    r"test_distributed\.py::test_trace_arm_elbo_in_ddp\[sequential\]",
+    r"test_distributed\.py::test_train_two_ranks_rank0_writes",
+    r"test_distributed\.py::test_torchrun_resume_is_exact",
+    r"test_distributed\.py::test_torchrun_divergence_ends_every_rank_at_the_same_step",
+    r"test_lightning_example\.py::",
+)
+_SLOW = re.compile("|".join(f"(?:{pattern})" for pattern in SLOW))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _SLOW.search(item.nodeid):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
@@ -25,3 +83,18 @@ def float64():
     """Runs the test in float64 (tiny models: no precision noise in statistical checks)."""
     torch.set_default_dtype(torch.float64)
     yield
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    """
+    A folder holding the four MNIST IDX files (gzip): ``$PYRO_ARM_MNIST_DIR``, else the download
+    cache of ``--data download``. Skips the test when neither holds them.
+    """
+    from pyro_arm.sbn.data import MNIST_FILES, default_cache_dir
+
+    named = os.environ.get("PYRO_ARM_MNIST_DIR")
+    folder = Path(named) if named else default_cache_dir()
+    if not all((folder / f"{stem}.gz").is_file() for stem, _ in MNIST_FILES.values()):
+        pytest.skip(f"no MNIST IDX files in {folder} (set PYRO_ARM_MNIST_DIR)")
+    return folder

@@ -150,12 +150,9 @@ def test_vectorized_particles_and_pyro_estimators(tmp_path, capsys):
         assert json.loads((tmp_path / est / "config.json").read_text())["config"]["vectorize"]
 
 
-def test_data_folder(tmp_path, capsys):
-    shared = ROOT.parent / "shared" / "data" / "mnist"
-    if not (shared / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip("no MNIST files in ../shared")
+def test_data_folder(tmp_path, capsys, mnist_dir):
     status, _, err = run_main(
-        capsys, "--steps", "1", "--data", str(shared), "--run-dir", str(tmp_path / "r"), *FAST
+        capsys, "--steps", "1", "--data", str(mnist_dir), "--run-dir", str(tmp_path / "r"), *FAST
     )
     assert status == 0, err
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())

@@ -23,11 +23,6 @@ from pyro_arm.sbn.data import (
     read_idx_folder,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-needs_mnist = pytest.mark.skipif(
-    not (SHARED / "train-images-idx3-ubyte.gz").is_file(), reason="no MNIST files in ../shared"
-)
-
 
 def idx_bytes(array: np.ndarray) -> bytes:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
@@ -305,26 +300,24 @@ def test_embedded_load():
     assert torch.equal((dyn.train >= 0.5).float(), d.train)
 
 
-@needs_mnist
-def test_embedded_matches_the_idx_files():
-    arrays = read_idx_folder(SHARED)
+def test_embedded_matches_the_idx_files(mnist_dir):
+    arrays = read_idx_folder(mnist_dir)
     expected = make_embedded_arrays(arrays)
     stored = read_embedded()
     for split in ("train", "valid", "test"):
         q = data._unpack_nibbles(expected[split + "_q4"])
         np.testing.assert_array_equal(stored[split][0], q * 17)
         np.testing.assert_array_equal(stored[split][1], expected[split + "_labels"])
-    full, emb = load_mnist(SHARED), load_mnist()
+    full, emb = load_mnist(mnist_dir), load_mnist()
     assert torch.equal(full.probs("train", np.arange(10_000)), emb.train)
     assert torch.equal(full.probs("valid", np.arange(2_000)), emb.valid)
     assert torch.equal(full.probs("test", np.arange(2_000)), emb.test)
     assert (full.num_examples("train"), full.num_examples("valid")) == (50_000, 10_000)
 
 
-@needs_mnist
-def test_shared_files_have_the_published_checksums():
+def test_mnist_files_have_the_published_checksums(mnist_dir):
     for stem, md5 in data.MNIST_FILES.values():
-        content = gzip.decompress((SHARED / (stem + ".gz")).read_bytes())
+        content = gzip.decompress((mnist_dir / (stem + ".gz")).read_bytes())
         assert hashlib.md5(content).hexdigest() == md5
 
 

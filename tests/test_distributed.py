@@ -4,6 +4,7 @@ Data parallelism on CPU (gloo, 2 processes): ``TraceARM_ELBO`` inside DDP, ``pyr
 under ``torchrun`` (identical parameters, rank-0 files, exact resume), and :class:`Ranks`.
 """
 
+import json
 import os
 import re
 import shutil
@@ -186,6 +187,18 @@ def _torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def test_torchrun_trains_on_two_ranks(tmp_path):
+    """One launch of the documented command on a few steps: rank 0 writes the whole run."""
+    opts = ["--batch-size", "9", "--eval-every", "1"]
+    _torchrun(tmp_path, "--steps", "2", "--run-dir", "run", *opts)
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == WORLD and summary["steps"] == 2
+    assert json.loads((run / "config.json").read_text())["world_size"] == WORLD
+    assert load_checkpoint(run / "checkpoint.pt")["world_size"] == WORLD
+    assert len(read_metrics(run / "metrics.csv")) == 2
 
 
 def test_torchrun_resume_is_exact(tmp_path, capsys):

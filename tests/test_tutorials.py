@@ -2,29 +2,52 @@
 """
 Runs each tutorial notebook in smoke mode (``CI=1``: few steps, tiny data) and fails on any cell
 error. The notebooks are executed as in-memory copies; the committed files are never rewritten.
+The README's quick start runs too, as the docs show it.
 """
 
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-
-TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
+ROOT = Path(__file__).resolve().parent.parent
+TUTORIALS = ROOT / "tutorials"
 NOTEBOOKS = ["sbn_with_arm.ipynb", "arm_for_your_own_model.ipynb"]
 CELL_TIMEOUT_S = 300
+
+
+def quick_start(text: str, heading: str) -> str:
+    """The first Python code block after ``heading``."""
+    after = text[text.index(heading) :]
+    block = re.search(r"```python\n(.*?)```|\.\. code-block:: python\n\n(.*?)\n\S", after, re.S)
+    code = block.group(1) or block.group(2)
+    return "\n".join(line[4:] if block.group(2) else line for line in code.splitlines())
+
+
+def test_readme_quick_start_runs(capsys):
+    code = quick_start((ROOT / "README.md").read_text(), "## Quick start")
+    docs = quick_start((ROOT / "docs" / "getting_started.rst").read_text(), "Quick start\n")
+    assert code.strip() == docs.strip(), "README and docs/getting_started.rst differ"
+    exec(compile(code, "README.md", "exec"), {"__name__": "quick_start"})
+    assert re.search(r"-ELBO per datapoint after 300 steps: \d+\.\d+ nats", capsys.readouterr().out)
 
 
 def test_notebooks_are_listed():
     assert sorted(NOTEBOOKS) == sorted(p.name for p in TUTORIALS.glob("*.ipynb"))
 
 
+def notebook_modules():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    return nbformat, nbclient
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_in_smoke_mode(name, monkeypatch):
+    nbformat, nbclient = notebook_modules()
     path = TUTORIALS / name
     original = path.read_bytes()
     nb = nbformat.read(path, as_version=4)
@@ -53,6 +76,7 @@ def test_notebook_runs_in_smoke_mode(name, monkeypatch):
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_committed_notebook_has_outputs_and_is_small(name):
+    nbformat, _ = notebook_modules()
     path = TUTORIALS / name
     assert path.stat().st_size < 1.5e6
     nb = nbformat.read(path, as_version=4)
