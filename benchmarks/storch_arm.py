@@ -21,7 +21,7 @@ With ``T`` layers storchastic evaluates the cost on every combination of the lay
 layer ``k`` uses the costs averaged over the first member of the later layers' pairs.
 
 What storchastic 0.3.7 gets wrong (measured against exact enumeration in
-``tests/test_storchastic.py``; the README of ``benchmarks/`` has the numbers):
+``tests/test_storchastic.py``; ``docs/results.rst`` has the numbers):
 
 - ``DisARM``'s encoder gradient is biased (its mean is 0 to 0.2 times the right one).
   ``DisARM.estimator`` returns the antithetic cost ``f(z~)`` as a bare control variate, which

@@ -179,7 +179,7 @@ def test_train_two_ranks_rank0_writes(tmp_path):
 
 
 def _torchrun(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node 2 -m pyro_arm train ...`` (the README command)."""
+    """``torchrun --standalone --nproc-per-node 2 -m pyro_arm train ...`` (as docs/scaling.rst)."""
     command = [TORCHRUN, "--standalone", "--nproc-per-node", str(WORLD), "-m", "pyro_arm"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
