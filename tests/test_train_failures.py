@@ -8,6 +8,8 @@ with one line ``pyro-arm: error: ...`` and exit status 2, leaving no empty run f
 import errno
 import json
 import os
+import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from pyro_arm.sbn import files, resources
 from pyro_arm.sbn.checkpoint import load_checkpoint
 from pyro_arm.sbn.cli import main
 from pyro_arm.sbn.metrics import read_metrics
+from tests.process_state import process_state_fixture  # noqa: F401  (autouse)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--eval-k", "2", "--test-size", "4", "--no-progress", "--device", "cpu"]
@@ -290,3 +293,157 @@ def test_threads_is_applied_and_recorded(tmp_path, capsys, monkeypatch):
     assert train(capsys, "--steps", "1", "--run-dir", str(default), *FAST)[0] == 0
     assert calls == [1]  # not called: torch's own default
     assert json.loads((default / "config.json").read_text())["config"]["threads"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Out of memory
+
+# run by a subprocess: caps the address space at what the process maps once torch is imported,
+# plus argv[1] MiB, then runs ``pyro-arm`` with the other arguments
+UNDER_RLIMIT_AS = """\
+import resource, sys
+from pyro_arm.sbn.cli import main
+vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + int(sys.argv[1]) * 2**20, resource.RLIM_INFINITY))
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--batch-size", "10000"],
+            r"out of memory in step 1 \(could not allocate [\d.]+ MiB\); no checkpoint had been "
+            r"written; start again in a new --run-dir with a smaller --batch-size \(now 10000\) "
+            r"or smaller layers \(--model linear\)",
+        ),
+        (
+            ["--model", "linear-30000"],
+            r"--model linear-30000 is too large: its 47,100,784 parameters need 0.7 GiB to "
+            r"train, and this process's RLIMIT_AS leaves 0\.[0-3] GiB; choose smaller layers",
+        ),
+    ],
+    ids=["batch", "model"],
+)
+def test_out_of_memory_under_rlimit_as(tmp_path, args, message):
+    """A real allocator failure: 300 MiB more than torch needs, a batch or a model too large."""
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", UNDER_RLIMIT_AS, "300", "train", *args, "--steps", "2",
+         "--run-dir", str(run), *FAST],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert re.fullmatch(f"pyro-arm: error: {message}\n", result.stderr), result.stderr
+    assert not run.exists()  # failed before its first checkpoint: nothing left behind
+
+
+def test_process_memory_limit_reads_rlimit_data():
+    before = resource.getrlimit(resource.RLIMIT_DATA)
+    used = resources._status_bytes("VmData")
+    assert used > 0
+    try:
+        resource.setrlimit(resource.RLIMIT_DATA, (used + 2**30, before[1]))
+        left, name = resources.process_memory_limit()
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, before)
+    assert resource.getrlimit(resource.RLIMIT_DATA) == before
+    assert name == "RLIMIT_DATA" and 2**30 - 2**26 < left <= 2**30
+
+
+def fail_at(step: int, error: BaseException):
+    """A stand-in for a training step that raises ``error`` in step ``step``."""
+    import pyro_arm.sbn.train as train_module
+
+    real = train_module._train_step
+
+    def step_or_fail(run, state):
+        if state.step + 1 == step:
+            raise error
+        return real(run, state)
+
+    return step_or_fail
+
+
+ALLOCATOR_ERRORS = {
+    "cuda": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "cpu": RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+        "you tried to allocate 1048576000 bytes. Error code 12 (Cannot allocate memory)"
+    ),
+    "python": MemoryError(),
+}
+
+
+@pytest.mark.parametrize("kind", list(ALLOCATOR_ERRORS))
+def test_out_of_memory_in_a_step_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch, kind):
+    import pyro_arm.sbn.train as train_module
+
+    run = tmp_path / "run"
+    args = ["--steps", "6", "--checkpoint-every", "2", "--eval-every", "1", "--run-dir", str(run)]
+    monkeypatch.setattr(train_module, "_train_step", fail_at(4, ALLOCATOR_ERRORS[kind]))
+    status, _, err = train(capsys, *args, *FAST)
+    assert status == 2
+    size = {"cuda": "2.00 GiB", "cpu": "1,000.0 MiB", "python": None}[kind]
+    reason = f"could not allocate {size}" if size else "an allocation failed"
+    assert err == (
+        f"pyro-arm: error: out of memory in step 4 ({reason}); the checkpoint of step 2 in {run} "
+        "is kept; start again in a new --run-dir with a smaller --batch-size (now 50) or smaller "
+        "layers (--model linear)"
+    )
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 2
+    assert not list(run.glob("*.tmp"))
+    monkeypatch.undo()  # --resume redoes step 3 (its row is dropped) and carries on
+    status, _, err = train(capsys, "--resume", "--run-dir", str(run), *FAST)
+    assert status == 0, err
+    assert [r["step"] for r in read_metrics(run / "metrics.csv")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_out_of_memory_in_the_final_evaluation(finished, capsys, monkeypatch):
+    from pyro_arm.sbn import distributed
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(distributed, "evaluate_sbn", out_of_memory)
+    (finished / "summary.json").unlink()
+    good = (finished / "checkpoint.pt").read_bytes()
+    status, _, err = train(capsys, "--resume", "--steps", "3", "--run-dir", str(finished), *FAST)
+    assert status == 2
+    assert err == (
+        "pyro-arm: error: out of memory in the final evaluation (an allocation failed); the "
+        f"checkpoint of step 3 in {finished} is kept: give the process more memory and --resume "
+        "to finish the evaluation, or start again in a new --run-dir with smaller layers "
+        "(--model linear)"
+    )
+    assert load_checkpoint(finished / "checkpoint.pt")["step"] == 3
+    assert (finished / "checkpoint.pt").read_bytes() != good
+    assert not (finished / "summary.json").exists()
+    monkeypatch.undo()
+    status, out, _ = train(capsys, "--resume", "--run-dir", str(finished), *FAST)
+    assert status == 0 and "already reached step 3" in out
+
+
+def test_a_runtime_error_that_is_not_an_allocation_is_not_reported_as_one(tmp_path, monkeypatch):
+    import pyro_arm.sbn.train as train_module
+
+    monkeypatch.setattr(train_module, "_train_step", fail_at(1, RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(["train", "--steps", "2", "--run-dir", str(tmp_path / "run"), *FAST])
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_of_memory_reading_the_checkpoint_is_not_damage(finished, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(checkpoint_module.torch, "load", out_of_memory)
+    status, _, err = train(capsys, "--resume", "--steps", "3", "--run-dir", str(finished), *FAST)
+    assert status == 2
+    assert err == (
+        "pyro-arm: error: out of memory (an allocation failed); give the process more memory, or "
+        "train with a smaller --batch-size or smaller layers (--model)"
+    )

@@ -22,6 +22,7 @@ from torch import nn
 
 from pyro_arm.sbn.config import ConfigError
 from pyro_arm.sbn.files import atomic_write_bytes
+from pyro_arm.sbn.resources import is_out_of_memory
 
 CHECKPOINT_FORMAT = 1
 #: The keys every checkpoint has.
@@ -158,6 +159,8 @@ def load_checkpoint(path: Path) -> dict:
     except IsADirectoryError:
         raise ConfigError(f"{path} is a folder, not a checkpoint; pick another --run-dir") from None
     except Exception as e:  # any unpickling / zip error means a damaged file
+        if is_out_of_memory(e):
+            raise
         raise ConfigError(
             f"cannot read checkpoint {path} ({_reason(e)}); delete the run folder and start "
             "again, or pick another --run-dir"

@@ -32,6 +32,7 @@ from pyro_arm.sbn.config import TRAJECTORY_FIELDS, ConfigError, TrainConfig, fla
 from pyro_arm.sbn.data import DataError
 from pyro_arm.sbn.distributed import Ranks, shutdown
 from pyro_arm.sbn.interrupts import ExitSignals, signal_name
+from pyro_arm.sbn.resources import allocation_failed, is_out_of_memory
 from pyro_arm.sbn.rundir import check_location, run_folder
 from pyro_arm.sbn.train import TrainingDiverged, TrainingInterrupted, train
 
@@ -159,17 +160,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     :param argv: the arguments; None for those of the process (``sys.argv``), which runs
         ``pyro-arm`` as the program: its signal handlers
-        (:class:`~pyro_arm.sbn.interrupts.ExitSignals`) then stay
-        installed until the process exits, while a call with ``argv`` restores the previous ones.
+        (:class:`~pyro_arm.sbn.interrupts.ExitSignals`) then stay installed until the process
+        exits, and it ends the process itself (after the exit hooks) instead of returning. A call
+        with ``argv`` returns, with the previous handlers restored.
     """
-    with ExitSignals(restore=argv is not None) as signals:
+    program = argv is None
+    with ExitSignals(restore=not program) as signals:
         try:
-            return _main(argv)
+            status = _main(argv)
         except KeyboardInterrupt as e:  # one that came outside the handlers of _main
-            return _interrupted(e)
+            status = _interrupted(e)
         finally:
             signals.done()  # a further signal ends the process at once
             shutdown()  # leaves the process group of a torchrun run
+    if program:
+        signals.exit(status)
+    return status
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
@@ -189,6 +195,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return _error(str(e))
     except OSError as e:
         return _error(_os_error(e))
+    except (MemoryError, RuntimeError) as e:  # outside the steps and evaluations of train
+        if not is_out_of_memory(e):
+            raise
+        return _error(
+            f"out of memory ({allocation_failed(e)}); give the process more memory, or train "
+            "with a smaller --batch-size or smaller layers (--model)"
+        )
     except TrainingInterrupted as e:
         return _error(str(e), 128 + e.signum, every_rank=e.aborted)
     except KeyboardInterrupt as e:

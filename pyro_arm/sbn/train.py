@@ -58,7 +58,7 @@ from pyro_arm.sbn.data import MNISTData, load_mnist
 from pyro_arm.sbn.distributed import Ranks
 from pyro_arm.sbn.elbo import make_elbo
 from pyro_arm.sbn.files import atomic_write_text
-from pyro_arm.sbn.interrupts import Aborted, StopSignals, signal_name
+from pyro_arm.sbn.interrupts import Aborted, Interrupted, StopSignals, signal_name
 from pyro_arm.sbn.metrics import append_metrics, read_metrics, truncate_metrics, write_metrics
 from pyro_arm.sbn.models import SigmoidBeliefNet, build_sbn
 from pyro_arm.sbn.resources import OutOfMemory, allocation_failed, check_fits, is_out_of_memory
@@ -524,6 +524,8 @@ def train(
                 raise TrainingInterrupted(step, run_dir, e.signum, aborted=True) from None
             stop.at_once()  # nothing is left to save: a signal interrupts the evaluation
             try:
+                if stop.requested:  # a signal that came after the loop's last look
+                    raise Interrupted(stop.signum)
                 return _finish(run, state, log)
             except KeyboardInterrupt as e:
                 signum = getattr(e, "signum", signal.SIGINT)
