@@ -3,13 +3,13 @@
 The process-wide state a test may change: the handlers of SIGINT and SIGTERM, the working
 directory, the environment, torch's thread count and the global random generators.
 
-:func:`process_state` is a fixture (import it into a test module, where it is used by every
-test): it records the state before the test, gives the record to the test (to compare with what
-was there, never with an assumed default: a test process started with SIGINT ignored has
-``SIG_IGN`` as its handler, not :func:`signal.default_int_handler`), and afterwards checks that
-the signal handlers, the working directory and the environment are as they were, then restores
-everything. Training changes the thread count (``--threads``) and the global RNG (its guide's
-samples) by design; those are restored without a check.
+:func:`process_state_fixture` is the fixture ``process_state`` (import it into a test module,
+where every test uses it): it records the state before the test and gives the record to the
+test, to compare with what was there, never with an assumed default (a test process started
+with SIGINT ignored has ``SIG_IGN`` as its handler, not :func:`signal.default_int_handler`).
+Afterwards it checks that the signal handlers, the working directory and the environment are as
+they were, then restores everything. Training changes the thread count (``--threads``) and the
+global RNG (its guide's samples) by design; those are restored without a check.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ class ProcessState:
         np.random.set_state(self.numpy_rng)
 
 
-@pytest.fixture(autouse=True)
-def process_state():
+@pytest.fixture(autouse=True, name="process_state")
+def process_state_fixture():
     """The :class:`ProcessState` before the test; checked and restored after it."""
     before = ProcessState()
     yield before

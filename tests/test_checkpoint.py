@@ -8,6 +8,7 @@ import torch
 from pyro_arm.sbn.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from pyro_arm.sbn.config import ConfigError
 from pyro_arm.sbn.models import SigmoidBeliefNet
+from tests.process_state import process_state_fixture  # noqa: F401  (autouse)
 
 
 def state_after_two_steps():

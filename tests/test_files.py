@@ -9,6 +9,7 @@ import pytest
 
 from pyro_arm.sbn import files
 from pyro_arm.sbn.files import atomic_write, atomic_write_bytes, atomic_write_text
+from tests.process_state import process_state_fixture  # noqa: F401  (autouse)
 
 
 def test_writes_and_replaces(tmp_path):

@@ -15,17 +15,20 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from pyro_arm.sbn import distributed
 from pyro_arm.sbn.checkpoint import load_checkpoint
 from pyro_arm.sbn.cli import main
 from pyro_arm.sbn.config import TrainConfig
 from pyro_arm.sbn.interrupts import StopSignals
 from pyro_arm.sbn.metrics import read_metrics
 from pyro_arm.sbn.train import TrainingInterrupted, train
+from tests.process_state import process_state_fixture  # noqa: F401  (autouse)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -151,19 +154,45 @@ def test_a_second_signal_keeps_a_consistent_checkpoint(tmp_path, capsys, straigh
     trainer.wait_for("stopping after the current step")
     trainer.proc.send_signal(signal.SIGTERM)
     status = trainer.finish()
-    # aborted mid-step or mid-save (143 with the message), or after the clean stop had already
-    # restored the handlers (killed by SIGTERM: -15); either way the checkpoint is whole
-    assert status in (143, -signal.SIGTERM), "\n".join(trainer.lines)
+    # aborted mid-step or mid-save, or after the clean stop: 143 with one line, either way
+    assert status == 143, "\n".join(trainer.lines)
     saved = load_checkpoint(run / "checkpoint.pt")["step"]
     assert 3 <= saved <= max(trainer.logged_steps())
-    aborted = re.search(
-        r"aborted by a second SIGTERM; .* is unchanged \(step (\d+)\)", trainer.lines[-1]
-    )
-    if status == 143:  # the message names the step the checkpoint holds
-        assert aborted and int(aborted.group(1)) == saved, trainer.lines[-1]
+    assert one_error_line(trainer)
+    # the line names the step the checkpoint holds
+    aborted = rf"aborted by a second SIGTERM; .* is unchanged \(step {saved}\)"
+    stopped = rf"interrupted by SIGINT; checkpoint of step {saved} saved in "
+    assert re.search(f"{aborted}|{stopped}", trainer.lines[-1]), trainer.lines[-1]
     assert not list(run.glob("*.tmp"))
     resume_to_the_end(capsys, run)
     same_run(straight, run)
+
+
+def one_error_line(trainer: Trainer) -> bool:
+    """The output of ``trainer`` ends with its only error line, and holds no traceback."""
+    errors = [line for line in trainer.lines if line.startswith("pyro-arm: error: ")]
+    tracebacks = [line for line in trainer.lines if "Traceback" in line]
+    return errors == trainer.lines[-1:] and not tracebacks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(20, 26))
+def test_a_second_signal_after_a_clean_stop_exits_at_once(tmp_path, trial):
+    """The second Ctrl-C comes after the stop is complete, while the process shuts down."""
+    rng = random.Random(trial)
+    at, delay = rng.randrange(1, STEPS // 3), rng.uniform(0.0, 0.05)
+    run = tmp_path / "cut"
+    trainer = Trainer(run)
+    trainer.wait_for(rf"^step {at}:")
+    trainer.proc.send_signal(signal.SIGINT)
+    trainer.wait_for(r"^pyro-arm: error: interrupted by SIGINT; checkpoint of step \d+ saved")
+    time.sleep(delay)
+    trainer.proc.send_signal(signal.SIGINT)
+    status = trainer.finish()
+    assert status == 130, "\n".join(trainer.lines)
+    assert one_error_line(trainer), "\n".join(trainer.lines)
+    saved = int(re.search(r"checkpoint of step (\d+)", trainer.lines[-1]).group(1))
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == saved == max(trainer.logged_steps())
 
 
 def stop_with(*signals, at: int):
@@ -178,7 +207,7 @@ def stop_with(*signals, at: int):
 
 
 @pytest.mark.slow
-def test_second_signal_aborts_at_once_in_process(tmp_path, capsys, straight):
+def test_second_signal_aborts_at_once_in_process(tmp_path, capsys, straight, process_state):
     run = tmp_path / "cut"
     config = TrainConfig(run_dir=str(run), checkpoint_every=3, **COMMON)
     callback = stop_with(signal.SIGINT, signal.SIGTERM, at=4)
@@ -191,12 +220,13 @@ def test_second_signal_aborts_at_once_in_process(tmp_path, capsys, straight):
         "with the same command plus --resume"
     )
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    for signum, handler in process_state.handlers.items():  # those before the run
+        assert signal.getsignal(signum) == handler
     resume_to_the_end(capsys, run)
     same_run(straight, run)
 
 
-def test_one_signal_in_process_stops_after_the_step(tmp_path):
+def test_one_signal_in_process_stops_after_the_step(tmp_path, process_state):
     run = tmp_path / "cut"
     config = TrainConfig(run_dir=str(run), **{**COMMON, "steps": 6})
     with pytest.raises(TrainingInterrupted) as info:
@@ -205,7 +235,7 @@ def test_one_signal_in_process_stops_after_the_step(tmp_path):
     assert not e.aborted and e.signum == signal.SIGTERM and e.step == 2
     assert str(e).startswith("interrupted by SIGTERM; checkpoint of step 2 saved in")
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 2
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == process_state.handlers[signal.SIGTERM]
 
 
 def test_abort_before_the_first_checkpoint_leaves_no_folder(tmp_path):
@@ -223,12 +253,12 @@ def test_abort_before_the_first_checkpoint_leaves_no_folder(tmp_path):
     assert not run.exists()
 
 
-def test_stop_signals_outside_the_main_thread_do_nothing():
+def test_stop_signals_outside_the_main_thread_do_nothing(process_state):
     result = []
 
     def enter():
         with StopSignals() as stop:
-            result.append(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+            result.append(signal.getsignal(signal.SIGINT) == process_state.handlers[signal.SIGINT])
             result.append(stop.requested)
 
     thread = threading.Thread(target=enter)
@@ -255,3 +285,31 @@ def test_a_signal_while_loading_stops_before_the_first_step(tmp_path, monkeypatc
         "interrupted by SIGTERM; no checkpoint had been written yet, so nothing was kept"
     )
     assert not run.exists()  # nothing left behind: a fresh run may start there again
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_signal_during_the_final_evaluation(tmp_path, capsys, monkeypatch, signum):
+    real = distributed.evaluate_sbn
+
+    def signal_then_evaluate(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distributed, "evaluate_sbn", signal_then_evaluate)
+    run = tmp_path / "cut"
+    status = main(["train", *cli_args({**COMMON, "steps": 3}), "--run-dir", str(run)])
+    assert status == 128 + signum
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"pyro-arm: error: interrupted by {signum.name} during the final evaluation; checkpoint "
+        f"of step 3 saved in {run}; the same command plus --resume finishes the evaluation "
+        "without retraining"
+    )
+    assert not (run / "summary.json").exists()
+    checkpoint, rows = (run / "checkpoint.pt").read_bytes(), (run / "metrics.csv").read_text()
+    monkeypatch.undo()
+    status = main(["train", "--resume", "--run-dir", str(run), "--no-progress"])
+    assert status == 0, capsys.readouterr().err
+    assert "already reached step 3 (--steps); evaluating it again" in capsys.readouterr().out
+    assert (run / "checkpoint.pt").read_bytes() == checkpoint  # no step was trained again
+    assert (run / "metrics.csv").read_text() == rows
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3

@@ -11,20 +11,21 @@ as every file is written atomically (:mod:`pyro_arm.sbn.files`). Where nothing i
 :class:`Interrupted` at once.
 
 A command-line program wraps its whole run in :class:`ExitSignals`, whose handlers stay installed
-until the process exits: once a stop signal has been received, any further one ends the process
-at once with status 128 + its number, right after the program's one-line message, so that a
-signal during the shutdown (closing a process group, interpreter and library exit hooks) never
-prints a traceback.
+until the process exits (:meth:`ExitSignals.exit`): once a stop signal has been received, any
+further one ends the process at once with status 128 + its number, right after the program's
+one-line message, so that a signal during the shutdown (closing a process group, the exit hooks
+of the libraries) never prints a traceback nor kills the process by the signal.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
 import threading
 from types import FrameType
-from typing import Optional
+from typing import NoReturn, Optional
 
 __all__ = ["Aborted", "ExitSignals", "Interrupted", "StopSignals", "STOP_SIGNALS"]
 
@@ -139,6 +140,16 @@ class ExitSignals:
         self._done = True
         if self._pending is not None:
             _exit(128 + self._pending)
+
+    def exit(self, status: int) -> NoReturn:
+        """
+        Runs the process's exit hooks (:mod:`atexit`) under these handlers, then ends the process
+        with ``status``. The interpreter's own shutdown, skipped here, would give the signals
+        their default action again (death by the signal) while it runs.
+        """
+        self.done()
+        atexit._run_exitfuncs()
+        _exit(status)
 
     def __enter__(self) -> ExitSignals:
         if _in_main_thread():
