@@ -18,7 +18,7 @@ from pyro_arm.sbn.checkpoint import load_checkpoint
 from pyro_arm.sbn.cli import main
 from pyro_arm.sbn.metrics import read_metrics
 from pyro_arm.sbn.rundir import LOCK_FILE
-from tests.process_state import process_state  # noqa: F401  (autouse)
+from tests.process_state import process_state_fixture  # noqa: F401  (autouse)
 from tests.test_interrupts import ROOT, TIMEOUT, Trainer
 
 # a training far longer than any test waits: the winner is stopped by a signal
