@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 11, in one run: the CUDA tests (unbiasedness on the device, no host
+# The GPU checks, in one run: the CUDA tests (unbiasedness on the device, no host
 # synchronisation in the estimator work, every tensor of a step on the logits' device), then the
 # step-time benchmark at batch 50 and 500 on the GPU. Prints everything; record the output (the
 # JSON lines are also written under $OUT, default the current folder).

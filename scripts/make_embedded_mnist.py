@@ -5,7 +5,7 @@ Regenerates ``pyro_arm/sbn/datasets/mnist_subset.npz``, the embedded MNIST subse
 
 Usage::
 
-    python scripts/make_embedded_mnist.py [--source ../shared/data/mnist] [--out PATH]
+    python scripts/make_embedded_mnist.py [--source MNIST_DIR] [--out PATH]
 
 ``--source`` is a folder with the four standard MNIST IDX files (raw or ``.gz``), or ``download``.
 The rule (which images, 4-bit packing) is :data:`pyro_arm.sbn.data.EMBEDDED_RULE` and
@@ -44,7 +44,7 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--source", default=str(ROOT.parent / "shared" / "data" / "mnist"))
+    parser.add_argument("--source", required=True, help="MNIST_DIR, or download")
     parser.add_argument("--out", default=str(EMBEDDED_PATH))
     args = parser.parse_args(argv)
     folder = download_mnist() if args.source == "download" else args.source

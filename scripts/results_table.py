@@ -4,7 +4,7 @@ The README's results table: ``pyro-arm train`` for every (model, estimator, seed
 markdown table of the test -ELBO, the k-sample importance-weighted bound and the time per step
 (mean and spread over seeds), read from each run's ``summary.json``.
 
-    python scripts/results_table.py --data ../shared/data/mnist --steps 5000 --seeds 0 1
+    python scripts/results_table.py --data MNIST_DIR --steps 5000 --seeds 0 1
 
 Runs that already have a ``summary.json`` in their run folder are not run again, so an
 interrupted table resumes. ``--jobs`` runs that many trainings at once (each with one thread).

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 Unbiasedness of TraceARM_ELBO against exact gradients (enumeration, see tests/exact.py) on tiny
-models covering the structures of docs/arm-in-pyro.md, for every estimator, sequential and
-vectorized, one and several particles. Everything runs in float64.
+models covering the structures where ARM inside an ELBO goes wrong, for every estimator,
+sequential and vectorized, one and several particles. Everything runs in float64.
 """
 
 import pyro
@@ -169,7 +169,7 @@ def test_checker_detects_branch_subsample_not_reused(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 7: structure decided at the last site, factors in the guide, empty programs
+# Structure decided at the last site, factors in the guide, empty programs
 # ---------------------------------------------------------------------------------------------
 
 

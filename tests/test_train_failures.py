@@ -235,7 +235,7 @@ def test_model_too_large(tmp_path, capsys, monkeypatch):
     run = str(tmp_path / "r")
     status, _, err = train(capsys, "--model", "linear-2000000000", "--run-dir", run, *FAST)
     assert status == 2 and "--model linear-2000000000 is too large" in err
-    # the case, on a machine with 32 GiB (it needs 16 bytes x 3.14e9 parameters)
+    # a model too large for a machine with 32 GiB (it needs 16 bytes x 3.14e9 parameters)
     monkeypatch.setattr(resources, "device_memory", lambda device: 32 * 2**30)
     status, _, err = train(capsys, "--model", "linear-2000000", "--run-dir", run, *FAST)
     assert (

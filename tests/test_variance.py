@@ -76,7 +76,7 @@ def test_disarm_variance_below_arm(seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 7: dependency-aware signals and score-function sites. Variances of one component group,
+# Dependency-aware signals and score-function sites. Variances of one component group,
 # from calls of a fixed seed; the power checks run the old behaviour through the same check.
 # ---------------------------------------------------------------------------------------------
 
@@ -150,7 +150,7 @@ def test_decaying_average_baseline_reduces_variance(float64):
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 8: multi-sample estimators at equal evaluations (4 runs of model and guide per estimate).
+# Multi-sample estimators at equal evaluations (4 runs of model and guide per estimate).
 
 
 def _variance(elbo, calls=100, seed=1):

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-Tiny models (<= 8 binary components) covering the structures of docs/arm-in-pyro.md, shared by
-the test modules. Each function returns ``(model, guide, args)``; :data:`CASES` maps names to
-them. Tensors are made in the default dtype (the tests run them in float64).
+Tiny models (<= 8 binary components) covering the structures where ARM inside an ELBO goes
+wrong, shared by the test modules. Each function returns ``(model, guide, args)``;
+:data:`CASES` maps names to them. Tensors are made in the default dtype (the tests run them
+in float64).
 """
 
 import pyro
@@ -411,7 +412,7 @@ CASES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Models of issue 7: structure decided at the last site, factors, empty programs, globals after
+# Models: structure decided at the last site, factors, empty programs, globals after
 # locals, Categorical sites with baselines.
 # ---------------------------------------------------------------------------------------------
 

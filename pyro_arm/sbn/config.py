@@ -131,7 +131,7 @@ class TrainConfig:
     are made from each field's help).
 
     The defaults (DisARM, Adam lr 1e-3, 30,000 steps of batch 50) were picked from measurements
-    at equal wall time on the embedded data: see "Choosing the defaults" in the README.
+    at equal wall time on the embedded data: see "Equal wall time" in the docs' results page.
 
     The run folder defaults to ``runs/<model>-<estimator>-s<seed>`` (:meth:`resolved_run_dir`).
     """
@@ -166,7 +166,7 @@ class TrainConfig:
     data: str = option(
         "embedded",
         "embedded (the packaged 10k/2k/2k subset), download (full MNIST into ~/.cache/pyro-arm), "
-        "or a folder with the four MNIST IDX files, e.g. ../shared/data/mnist",
+        "or a folder with the four MNIST IDX files",
         metavar="SOURCE",
     )
     seed: int = option(

@@ -19,7 +19,7 @@ Three sources, one API (:func:`load_mnist` returns an :class:`MNISTData`):
   ``"dynamic"`` binarization draws from intensities within 15/255 of the originals.
   Labels are kept too.
 - a folder holding the four standard IDX files (``train-images-idx3-ubyte`` etc., raw or ``.gz``),
-  e.g. ``../shared/data/mnist``. The files are parsed with numpy (magic number, dimensions, size)
+  e.g. ``~/data/mnist``. The files are parsed with numpy (magic number, dimensions, size)
   and a malformed, truncated or undecompressable file raises :class:`DataError` naming it. Any
   dataset in the MNIST layout (e.g. Fashion-MNIST) reads the same way.
 - ``"download"``: fetches the gzip files into a cache folder (``$PYRO_ARM_CACHE/mnist``, else
