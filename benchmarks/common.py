@@ -130,12 +130,18 @@ MULTI_SAMPLE_SIZES = (2, 4, 8)
 #: ``model_grad="all"``).
 _MULTI_SAMPLE = re.compile(r"(rloo|arms)(\d+)(all)?")
 
+#: ``<estimator><P>p``: a contender with ``P`` particles (``disarm2p_vec``: DisARM, 2 particles).
+_PARTICLES = re.compile(r"([a-z]+?)(\d+)p")
+
 
 def pyro_loss(kind: str, num_particles: int = 1):
     """A Pyro ELBO: ``trace_elbo``, ``tracegraph_elbo``, ``<estimator>_seq`` or ``_vec``, or a
     multi-sample ``<estimator><n>_seq`` / ``_vec`` (``rloo4_vec``: RLOO with 4 samples;
     ``arms4all_vec``: ARMS with 4 samples and ``model_grad="all"``)."""
     name, mode = kind.rsplit("_", 1)
+    particles = _PARTICLES.fullmatch(name)
+    if particles:
+        name, num_particles = particles.group(1), int(particles.group(2)) * num_particles
     multi = _MULTI_SAMPLE.fullmatch(name)
     if multi:
         estimator, n = multi.group(1), int(multi.group(2))
@@ -160,6 +166,9 @@ def model_evaluations(name: str, num_layers: int, num_particles: int = 1) -> int
     more (a run of the model alone) for ARMS with ``model_grad="all"``.
     """
     estimator = name.rsplit("_", 1)[0].removeprefix("plain_").removeprefix("storch_")
+    particles = _PARTICLES.fullmatch(estimator)
+    if particles:
+        estimator, num_particles = particles.group(1), int(particles.group(2)) * num_particles
     multi = _MULTI_SAMPLE.fullmatch(estimator)
     if multi:
         n = int(multi.group(2))
@@ -179,6 +188,7 @@ def available_contenders(include_plain: bool = True, include_peers: bool = True)
     names += [f"{e}_{m}" for m in ("seq", "vec") for e in ESTIMATORS]
     names += [f"{e}{n}_vec" for e in MULTI_SAMPLE_ESTIMATORS for n in MULTI_SAMPLE_SIZES]
     names += [f"arms{n}all_vec" for n in MULTI_SAMPLE_SIZES]
+    names += ["disarm2p_vec"]
     if include_plain:
         names += [f"plain_{e}" for e in ESTIMATORS]
     if include_peers and storch_arm.unavailable_reason() is None:

@@ -183,7 +183,7 @@ class Particle:
         return branches
 
     def run_branches(self, branch_dim: Optional[int]) -> None:
-        """Runs the plan, batched along ``branch_dim`` or, when ``None``, looped."""
+        """Runs the plan: batched along ``branch_dim``; looped when ``None`` or one branch."""
         plan = self.plan()
         self.num_branches = len(plan)
         names = list(self.samples) + [name for name, _ in plan if name not in self.samples]
@@ -192,7 +192,7 @@ class Particle:
         self.branch_elbo = self.branch_log_p = 0.0
         if not plan:
             return
-        if branch_dim is None:
+        if branch_dim is None or len(plan) == 1:  # one branch: the model alone may do
             self.run_looped(plan)
         else:
             self.run_batched(plan, branch_dim)
