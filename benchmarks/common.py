@@ -26,6 +26,7 @@ from pyro.poutine.util import prune_subsample_sites
 
 from benchmarks import storch_arm
 from benchmarks.plain_arm import ESTIMATOR_NAMES, PlainARMStep, PlainSBN, arm_surrogate_loss
+from pyro_arm.iwelbo import IWELBO
 from pyro_arm.sbn.elbo import make_elbo
 from pyro_arm.sbn.models import build_sbn, run_map
 
@@ -130,6 +131,10 @@ MULTI_SAMPLE_SIZES = (2, 4, 8)
 #: ``model_grad="all"``).
 _MULTI_SAMPLE = re.compile(r"(rloo|arms)(\d+)(all)?")
 
+#: ``iw<estimator><K>``: the importance-weighted bound with K samples (``iwdisarm4_vec``; ARMS
+#: with 3 members per Bernoulli site).
+_IW = re.compile(r"iw(vimco|disarm|arms)(\d+)")
+
 #: ``<estimator><P>p``: a contender with ``P`` particles (``disarm2p_vec``: DisARM, 2 particles).
 _PARTICLES = re.compile(r"([a-z]+?)(\d+)p")
 
@@ -139,6 +144,15 @@ def pyro_loss(kind: str, num_particles: int = 1):
     multi-sample ``<estimator><n>_seq`` / ``_vec`` (``rloo4_vec``: RLOO with 4 samples;
     ``arms4all_vec``: ARMS with 4 samples and ``model_grad="all"``)."""
     name, mode = kind.rsplit("_", 1)
+    iw = _IW.fullmatch(name)
+    if iw:
+        return IWELBO(
+            num_samples=int(iw.group(2)),
+            estimator=iw.group(1),
+            num_particles=num_particles,
+            vectorize_particles=(mode == "vec"),
+            max_plate_nesting=1,
+        )
     particles = _PARTICLES.fullmatch(name)
     if particles:
         name, num_particles = particles.group(1), int(particles.group(2)) * num_particles
@@ -166,6 +180,10 @@ def model_evaluations(name: str, num_layers: int, num_particles: int = 1) -> int
     more (a run of the model alone) for ARMS with ``model_grad="all"``.
     """
     estimator = name.rsplit("_", 1)[0].removeprefix("plain_").removeprefix("storch_")
+    iw = _IW.fullmatch(estimator)
+    if iw:
+        k, members = int(iw.group(2)), {"vimco": 1, "disarm": 2, "arms": 3}[iw.group(1)]
+        return num_particles * k * (1 + num_layers * (members - 1))
     particles = _PARTICLES.fullmatch(estimator)
     if particles:
         estimator, num_particles = particles.group(1), int(particles.group(2)) * num_particles
@@ -189,6 +207,7 @@ def available_contenders(include_plain: bool = True, include_peers: bool = True)
     names += [f"{e}{n}_vec" for e in MULTI_SAMPLE_ESTIMATORS for n in MULTI_SAMPLE_SIZES]
     names += [f"arms{n}all_vec" for n in MULTI_SAMPLE_SIZES]
     names += ["disarm2p_vec"]
+    names += [f"iw{e}{k}_vec" for e in ("vimco", "disarm", "arms") for k in (2, 4, 8, 16)]
     if include_plain:
         names += [f"plain_{e}" for e in ESTIMATORS]
     if include_peers and storch_arm.unavailable_reason() is None:

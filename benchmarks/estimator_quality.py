@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-MNIST quality of the estimators at equal settings: trains the linear SBN with
+MNIST quality of the estimators at equal settings: trains an SBN (``--model``) with
 ``pyro-arm train`` (vectorized, Adam lr 1e-3, batch 50, threshold binarization) under each
 configuration, ``--jobs`` runs at a time with one thread each, then prints per configuration the
 model evaluations per step, the validation -ELBO at half the steps and at the end, the test
@@ -14,7 +14,18 @@ Configurations (``--configs``): ``arm1``, ``disarm1`` (one particle, 2 evaluatio
 ``disarm2p`` (two particles), ``rloo4``, ``arms4`` (4 evaluations; ARMS with
 ``--model-grad base``: the decoder and prior gradient at the base sample), and ``arms2all``,
 ``arms4all`` (ARMS with ``--model-grad all``, the default: that gradient averaged over every
-evaluated sample; ARMS-2 with ``base`` is DisARM). Each runs in ``<run-root>/<name>``; a
+evaluated sample; ARMS-2 with ``base`` is DisARM).
+
+The importance-weighted bound at equal evaluations per step (10 on the linear SBN, 15 on the
+two-layer one): ``iw_vimco`` (VIMCO, K = 10 / 15), ``iw_disarm`` (local DisARM, K = 5),
+``iw_arms`` (ARMS, K = 2 with 5 members / K = 3 with 3 members), ``iw_renyi`` (Pyro's
+``RenyiELBO(alpha=0)``, K = 10 / 15), and beside them the ELBO with ``elbo_disarm`` (DisARM,
+5 particles) and ``elbo_rloo`` (RLOO, n = 10 / 15):
+
+    python -m benchmarks.estimator_quality --model two_layer --configs iw_vimco iw_disarm \
+        iw_arms iw_renyi elbo_disarm elbo_rloo --data MNIST_DIR --steps 10000
+
+Each runs in ``<run-root>/<name>``; a
 folder that already holds ``summary.json`` is tabulated, not run again, after checking that its
 config matches; an interrupted run is resumed. ``ms/step`` is wall time with ``--jobs`` runs
 sharing the machine.
@@ -47,10 +58,70 @@ CONFIGS: dict[str, tuple[list[str], int]] = {
     "arms4all": (["--estimator", "arms", "--num-samples", "4", "--model-grad", "all"], 4),
 }
 
+#: The importance-weighted-bound comparison: name -> model -> (options, evaluations per step)
+IW_CONFIGS: dict[str, dict[str, tuple[list[str], int]]] = {
+    "iw_vimco": {
+        m: (["--objective", "iwae", "--estimator", "vimco", "--num-samples", k], int(k))
+        for m, k in (("linear", "10"), ("two_layer", "15"))
+    },
+    "iw_disarm": {
+        m: (["--objective", "iwae", "--estimator", "disarm", "--num-samples", "5"], e)
+        for m, e in (("linear", 10), ("two_layer", 15))
+    },
+    "iw_arms": {
+        "linear": (
+            [
+                "--objective",
+                "iwae",
+                "--estimator",
+                "arms",
+                "--num-samples",
+                "2",
+                "--num-members",
+                "5",
+            ],
+            10,
+        ),
+        "two_layer": (
+            [
+                "--objective",
+                "iwae",
+                "--estimator",
+                "arms",
+                "--num-samples",
+                "3",
+                "--num-members",
+                "3",
+            ],
+            15,
+        ),
+    },  # fmt: skip
+    "iw_renyi": {
+        m: (["--objective", "iwae", "--estimator", "renyi", "--num-samples", k], int(k))
+        for m, k in (("linear", "10"), ("two_layer", "15"))
+    },
+    "elbo_disarm": {
+        m: (["--estimator", "disarm", "--num-particles", "5"], e)
+        for m, e in (("linear", 10), ("two_layer", 15))
+    },
+    "elbo_rloo": {
+        m: (["--estimator", "rloo", "--num-samples", k], int(k))
+        for m, k in (("linear", "10"), ("two_layer", "15"))
+    },
+}
+
+
+def options_of(name: str, model: str) -> tuple[list[str], int]:
+    """The options and evaluations per step of configuration ``name`` on ``model``."""
+    return IW_CONFIGS[name][model] if name in IW_CONFIGS else CONFIGS[name]
+
 
 def parse_args(argv=None):
     p = common.base_parser(__doc__)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument(
+        "--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS) + list(IW_CONFIGS)
+    )
+    p.add_argument("--model", default="linear", choices=["linear", "two_layer"])
     p.add_argument("--steps", type=int, default=100_000)
     p.add_argument("--eval-every", type=int, default=5000, help="validation every N steps")
     p.add_argument("--eval-k", type=int, default=1000, help="k of the test bound")
@@ -68,12 +139,12 @@ def parse_args(argv=None):
 def train_command(args, name: str) -> list[str]:
     """The ``pyro-arm train`` command line of configuration ``name``."""
     run_dir = Path(args.run_root) / name
-    command = [sys.executable, "-m", "pyro_arm", "train", "--model", "linear", "--lr", str(LR)]
+    command = [sys.executable, "-m", "pyro_arm", "train", "--model", args.model, "--lr", str(LR)]
     command += ["--batch-size", "50", "--vectorize", "--data", args.data, "--seed", str(args.seed)]
     command += ["--steps", str(args.steps), "--eval-every", str(args.eval_every)]
     command += ["--checkpoint-every", str(args.eval_every), "--eval-k", str(args.eval_k)]
     command += ["--threads", "1", "--device", args.device, "--no-progress"]
-    command += ["--run-dir", str(run_dir), *CONFIGS[name][0]]
+    command += ["--run-dir", str(run_dir), *options_of(name, args.model)[0]]
     if args.test_size is not None:
         command += ["--test-size", str(args.test_size)]
     if (run_dir / "checkpoint.pt").exists():
@@ -96,9 +167,11 @@ def run(args, name: str) -> None:
 def check_config(args, name: str, run_dir: Path) -> None:
     """The saved run was made with this script's settings (estimator options, data, seed, steps)."""
     config = json.loads((run_dir / "config.json").read_text())["config"]
-    options, _ = CONFIGS[name]
+    options, _ = options_of(name, args.model)
     expected = dict(zip(options[::2], options[1::2]))
     saved = {
+        "--objective": config.get("objective", "elbo"),
+        "--num-members": str(config.get("num_members")),
         "--estimator": config["estimator"],
         "--num-particles": str(config["num_particles"]),
         "--num-samples": str(config["num_samples"]),
@@ -109,6 +182,8 @@ def check_config(args, name: str, run_dir: Path) -> None:
         wrong["--data"] = config["data"]
     if config["seed"] != args.seed:
         wrong["--seed"] = config["seed"]
+    if config["model"] != args.model:
+        wrong["--model"] = config["model"]
     if wrong or config["steps"] != args.steps or config["lr"] != LR or not config["vectorize"]:
         raise SystemExit(f"{run_dir} was made with other settings ({config}); pick --run-root")
 
@@ -138,7 +213,7 @@ def main(argv=None):
         run_dir = Path(args.run_root) / name
         summary = json.loads((run_dir / "summary.json").read_text())
         result = {
-            "evals_per_step": CONFIGS[name][1],
+            "evals_per_step": options_of(name, args.model)[1],
             "valid_half": valid_at(run_dir, half),
             "valid_end": valid_at(run_dir, args.steps),
             "test_neg_elbo": summary["test_elbo"],
@@ -148,8 +223,8 @@ def main(argv=None):
         record["runs"][name] = result
         rows.append((name, *result.values()))
     common.print_table(
-        f"linear SBN, {args.steps} steps of batch 50, Adam lr {LR}, seed {args.seed}: -ELBO and "
-        f"-IW(k={args.eval_k}) in nats (lower is better)",
+        f"{args.model} SBN, {args.steps} steps of batch 50, Adam lr {LR}, seed {args.seed}: "
+        f"-ELBO and -IW(k={args.eval_k}) in nats (lower is better)",
         ["config", "evals/step", f"valid @{half}", f"valid @{args.steps}", "test -ELBO",
          f"test -IW(k={args.eval_k})", f"ms/step ({args.jobs} jobs)"],
         rows,

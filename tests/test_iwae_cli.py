@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from pyro.infer import RenyiELBO
 
 from pyro_arm.iwelbo import IWELBO
 from pyro_arm.sbn.config import ConfigError, TrainConfig
@@ -13,8 +14,10 @@ from pyro_arm.sbn.elbo import make_elbo
 
 
 def test_make_elbo_iwae():
-    elbo = make_elbo("arms", num_samples=4, objective="iwae")
-    assert isinstance(elbo, IWELBO) and elbo.num_samples == 4
+    elbo = make_elbo("arms", num_samples=4, objective="iwae", num_members=5)
+    assert isinstance(elbo, IWELBO) and elbo.num_samples == 4 and elbo.num_members == 5
+    renyi = make_elbo("renyi", num_samples=4, objective="iwae")
+    assert isinstance(renyi, RenyiELBO) and renyi.alpha == 0 and renyi.num_particles == 4
     with pytest.raises(ValueError, match="iwae objective takes"):
         make_elbo("rloo", num_samples=4, objective="iwae")
 
@@ -26,6 +29,9 @@ def test_make_elbo_iwae():
         (dict(objective="iwae", estimator="vimco", model_grad="all"), "not taken"),
         (dict(objective="elbo", estimator="vimco"), "only with --objective iwae"),
         (dict(objective="bound"), "invalid choice"),
+        (dict(objective="iwae", estimator="vimco", num_members=3), "arms only"),
+        (dict(objective="elbo", estimator="disarm", num_members=3), "only with --objective iwae"),
+        (dict(objective="iwae", estimator="renyi", num_particles=2), "renyi takes"),
     ],
 )
 def test_invalid_options(options, message):

@@ -38,6 +38,7 @@ TRAJECTORY_FIELDS = (
     "num_particles",
     "vectorize",
     "num_samples",
+    "num_members",
     "model_grad",
 )
 
@@ -187,6 +188,13 @@ class TrainConfig:
         type=int,
         check=_positive_int,
     )
+    num_members: Optional[int] = option(
+        None,
+        "with --objective iwae --estimator arms: antithetic members per Bernoulli site "
+        "(>= 2; default 3)",
+        type=int,
+        check=_positive_int,
+    )
     model_grad: Optional[str] = option(
         None,
         "model-parameter gradient: base (at the base sample) or, with arms, all (averaged over "
@@ -238,7 +246,13 @@ class TrainConfig:
                 raise ConfigError(f"{flag('num_samples')}: the iwae objective needs >= 2")
             if self.model_grad is not None:
                 raise ConfigError(f"{flag('model_grad')}: not taken by the iwae objective")
+            if self.num_members is not None and (self.estimator != "arms" or self.num_members < 2):
+                raise ConfigError(f"{flag('num_members')}: >= 2, with --estimator arms only")
+            if self.estimator == "renyi" and self.num_particles != 1:
+                raise ConfigError(f"{flag('num_particles')}: renyi takes --num-samples only")
             return
+        if self.num_members is not None:
+            raise ConfigError(f"{flag('num_members')}: only with --objective iwae")
         if self.estimator not in ESTIMATORS and self.estimator not in PYRO_BASELINES:
             raise ConfigError(f"{flag('estimator')} {self.estimator}: only with --objective iwae")
         if self.estimator in ESTIMATORS:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceGraph_ELBO
 
 from pyro_arm.estimators import ESTIMATORS
 from pyro_arm.iwelbo import IWELBO
@@ -22,8 +22,9 @@ PYRO_BASELINES: dict[str, type] = {"trace": Trace_ELBO, "tracegraph": TraceGraph
 #: The objectives: the ELBO, or the importance-weighted bound.
 OBJECTIVES: tuple[str, ...] = ("elbo", "iwae")
 
-#: The estimators of the importance-weighted bound (:class:`~pyro_arm.IWELBO`).
-IW_ESTIMATORS: tuple[str, ...] = ("vimco", "disarm", "arms")
+#: The estimators of the importance-weighted bound: :class:`~pyro_arm.IWELBO`'s, and Pyro's
+#: ``RenyiELBO(alpha=0)`` (``renyi``, the reference that gives discrete sites no gradient).
+IW_ESTIMATORS: tuple[str, ...] = ("vimco", "disarm", "arms", "renyi")
 
 
 def estimator_choices() -> tuple[str, ...]:
@@ -42,6 +43,7 @@ def make_elbo(
     num_samples: Optional[int] = None,
     model_grad: Optional[str] = None,
     objective: str = "elbo",
+    num_members: Optional[int] = None,
 ) -> ELBO:
     """
     The ELBO object for an estimator name (one plate: the data plate at dim -1).
@@ -54,6 +56,7 @@ def make_elbo(
         default (:class:`~pyro_arm.TraceARM_ELBO`).
     :param objective: ``"elbo"``, or ``"iwae"``: the importance-weighted bound with
         ``num_samples`` samples (default 2) and an estimator of :data:`IW_ESTIMATORS`.
+    :param num_members: ``arms`` members per Bernoulli site of the iwae objective (default 3).
     :raises ValueError: for an unknown name, or a ``num_samples`` the estimator does not take.
     """
     kwargs = dict(num_particles=num_particles, vectorize_particles=vectorize, max_plate_nesting=1)
@@ -63,7 +66,15 @@ def make_elbo(
                 f"the iwae objective takes an estimator of {', '.join(IW_ESTIMATORS)} and no "
                 f"model_grad; got {estimator!r}"
             )
-        return IWELBO(num_samples=num_samples or 2, estimator=estimator, **kwargs)
+        if estimator == "renyi":
+            if num_particles != 1 or num_members is not None:
+                raise ValueError("renyi takes neither num_particles nor num_members")
+            kwargs["num_particles"] = num_samples or 2
+            return RenyiELBO(alpha=0.0, **kwargs)
+        if num_members is not None and estimator != "arms":
+            raise ValueError("num_members is taken by the arms estimator only")
+        members = {} if num_members is None else {"num_members": num_members}
+        return IWELBO(num_samples=num_samples or 2, estimator=estimator, **members, **kwargs)
     if objective != "elbo":
         raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
     if estimator in ESTIMATORS:

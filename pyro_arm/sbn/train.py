@@ -196,6 +196,7 @@ def _build(config: TrainConfig) -> _Run:
         config.num_samples,
         config.model_grad,
         config.objective,
+        config.num_members,
     )
     stream = _TrainStream(data, config.batch_size, config.seed, device, ranks)
     x_valid = data.fixed("valid", seed=0).to(device)
