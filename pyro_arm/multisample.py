@@ -158,7 +158,10 @@ def arms_uniforms(
     :raises ValueError: if ``n < 2``.
     """
     _check_num_samples(n)
-    e = torch.empty((n, *shape), dtype=dtype, device=device).exponential_(generator=generator)
+    # -log(1 - U) of uniforms in [0, 1): standard exponentials, finite, several times faster
+    # than Tensor.exponential_ on the CPU
+    u = torch.rand((n, *shape), generator=generator, dtype=dtype, device=device)
+    e = u.neg_().log1p_().neg_()
     c = e.cumsum(0)
     c = c / c[-1:]
     d = torch.diff(c, dim=0, prepend=torch.zeros_like(c[:1]))

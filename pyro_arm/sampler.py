@@ -91,9 +91,11 @@ class SampleMessenger(Messenger):
         fn = msg["fn"]
         weights_logits = estimator_logits(fn)  # before fn.logits: it tells probs= sites apart
         self.nan_logits[msg["name"]] = torch.isnan(weights_logits).any()
-        if self.estimator.logits_grad is None:
-            return  # a score-function site: Pyro samples it
         logits = bernoulli_logits(fn)
+        if self.estimator.logits_grad is None:  # a score-function site, sampled as Pyro would
+            u = torch.rand(fn.shape(), dtype=weights_logits.dtype, device=weights_logits.device)
+            msg["value"] = (u < torch.sigmoid(weights_logits)).to(logits.dtype)
+            return
         v = self.estimator.member_uniforms(self.num_samples, fn.shape(), weights_logits)
         z = (v < torch.sigmoid(weights_logits)).to(logits.dtype)
         name = msg["name"]
