@@ -2,8 +2,9 @@
 """
 Cost as the number of Bernoulli sites grows: a binary Markov chain of T sites (batch 16, one
 ``pyro.sample`` per step in ``pyro.markov``, mean-field guide). Prints ms per ``loss_and_grads``
-of Trace_ELBO, TraceGraph_ELBO and DisARM in its default mode (looped, then batched once the
-probe has run) and vectorized, interleaved in one process, and the ratios to Trace_ELBO.
+of Trace_ELBO, TraceGraph_ELBO and DisARM in its default mode (its branches batched under the
+read guard once the first call has proven the code path) and vectorized, interleaved in one
+process, and the ratios to Trace_ELBO.
 
     python -m benchmarks.chain --sites 10 50 100 --repeats 20
 """

@@ -10,6 +10,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Optional
 
+from pyro_arm.reads import SampledValueRead
+
 #: Messages of the errors that torch raises when code converts a batched tensor to a Python
 #: number or bool: the signature of value-dependent control flow.
 _CONTROL_FLOW_ERRORS = (
@@ -20,7 +22,10 @@ _CONTROL_FLOW_ERRORS = (
 
 
 def is_control_flow_error(exc: BaseException) -> bool:
-    """Whether ``exc`` is what torch raises when code reads a batched tensor as one number."""
+    """Whether ``exc`` is what torch raises when code reads a batched tensor as one number, or
+    a :class:`~pyro_arm.reads.SampledValueRead`."""
+    if isinstance(exc, SampledValueRead):
+        return True
     return isinstance(exc, (RuntimeError, ValueError)) and any(
         message in str(exc) for message in _CONTROL_FLOW_ERRORS
     )
@@ -45,7 +50,7 @@ def batched_pass_errors(seen: Optional[list]):
         raise NotImplementedError(
             f"Model or guide failed {where} in a batched pass of particles or antithetic "
             f"branches: {exc}. Code that converts a sampled value to a Python number or "
-            "branches on it (.item(), `if z:`) cannot run vectorized; "
+            "branches on it (.item(), `if z:`, .tolist(), torch.equal) cannot run vectorized; "
             "use vectorize_particles=False"
         ) from exc
 

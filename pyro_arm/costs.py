@@ -31,6 +31,7 @@ from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 
 from pyro_arm.estimators import working_dtype
+from pyro_arm.reads import unguarded
 from pyro_arm.sites import is_subsample_site
 
 
@@ -81,8 +82,9 @@ class CostMessenger(Messenger):
         if is_subsample_site(msg):
             return
         log_prob = msg["fn"].log_prob(msg["value"], *msg["args"], **msg["kwargs"])
-        log_prob = scale_and_mask(log_prob, msg["scale"], msg["mask"])
-        self.costs.add((msg["cond_indep_stack"], self.sign * _detached(log_prob)))
+        with unguarded():
+            log_prob = scale_and_mask(log_prob, msg["scale"], msg["mask"])
+            self.costs.add((msg["cond_indep_stack"], self.sign * _detached(log_prob)))
 
 
 class ReplayValuesMessenger(Messenger):
@@ -113,7 +115,8 @@ class LogPMessenger(Messenger):
         if is_subsample_site(msg):
             return
         log_prob = msg["fn"].log_prob(msg["value"], *msg["args"], **msg["kwargs"])
-        self.log_p = self.log_p + scale_and_mask(log_prob, msg["scale"], msg["mask"]).sum()
+        with unguarded():
+            self.log_p = self.log_p + scale_and_mask(log_prob, msg["scale"], msg["mask"]).sum()
 
 
 def detached(values: dict) -> dict:

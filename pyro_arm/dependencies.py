@@ -17,8 +17,9 @@ Runs of one call with the same :func:`structure_key` share one replay while it r
 Python (:meth:`pyro_arm.particle.Particle.track_dependencies`).
 
 Provenance follows values, not Python control flow (``if c == 1:`` sampling a site); the sites
-whose values are read as Python numbers or bools (``.item()``, ``bool``, ``int``, ``float``,
-``.tolist()``) during the replay are listed in :attr:`Dependencies.control`, and the signals of
+whose values are read into Python (``.item()``, ``bool``, ``int``, ``float``, ``.tolist()``,
+``.numpy()``, ``torch.equal``, value-dependent shapes: :func:`~pyro_arm.reads.is_read`) during the
+replay are listed in :attr:`Dependencies.control`, and the signals of
 those sites assume the worst (every cost term, every later site dependent).
 """
 
@@ -35,6 +36,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch.overrides import TorchFunctionMode
 
+from pyro_arm.reads import is_read
 from pyro_arm.sites import is_subsample_site
 
 
@@ -51,30 +53,19 @@ class Dependencies(NamedTuple):
     control: frozenset = frozenset()
 
 
-#: Tensor methods that turn a value into Python data, which control flow can branch on.
-_TO_PYTHON = frozenset(
-    {
-        torch.Tensor.item,
-        torch.Tensor.tolist,
-        torch.Tensor.__bool__,
-        torch.Tensor.__int__,
-        torch.Tensor.__float__,
-        torch.Tensor.__index__,
-    }
-)
-
-
 class _ControlFlowReads(TorchFunctionMode):
-    """Records the provenance of every tensor turned into Python data."""
+    """Records the provenance of every tensor read into Python (:func:`~pyro_arm.reads.is_read`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.sources: frozenset = frozenset()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _TO_PYTHON:
-            self.sources = self.sources | get_provenance(args)
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if is_read(func, args, kwargs, result):
+            self.sources = self.sources | get_provenance(args) | get_provenance(kwargs)
+        return result
 
 
 class TrackProvenance(Messenger):

@@ -18,6 +18,7 @@ executors run the branches over the same plan:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, NamedTuple, Optional
 
 import pyro
@@ -42,6 +43,7 @@ from pyro_arm.dependencies import (
     trace_dependencies,
 )
 from pyro_arm.estimators import Estimator
+from pyro_arm.reads import ReadGuard
 from pyro_arm.sampler import BranchMessenger, SampleMessenger
 from pyro_arm.signals import append_event_dims, select_branch, signal_frames
 
@@ -182,8 +184,9 @@ class Particle:
                 branches += [(name, k) for k in range(1, draws)]
         return branches
 
-    def run_branches(self, branch_dim: Optional[int]) -> None:
-        """Runs the plan: batched along ``branch_dim``; looped when ``None`` or one branch."""
+    def run_branches(self, branch_dim: Optional[int], guard: Optional[ReadGuard] = None) -> None:
+        """Runs the plan: batched along ``branch_dim`` (the runs of model and guide under
+        ``guard``, when given); looped when ``None`` or one branch."""
         plan = self.plan()
         self.num_branches = len(plan)
         names = list(self.samples) + [name for name, _ in plan if name not in self.samples]
@@ -195,7 +198,7 @@ class Particle:
         if branch_dim is None or len(plan) == 1:  # one branch: the model alone may do
             self.run_looped(plan)
         else:
-            self.run_batched(plan, branch_dim)
+            self.run_batched(plan, branch_dim, guard)
 
     def base_signal(self, name: str):
         if name in self.samples:
@@ -216,11 +219,14 @@ class Particle:
             self.branch_elbo = self.branch_elbo + sum(v.sum() for v in costs.values())
             self.member_signals[name].append(costs.sum_to(self.frames(name)))
 
-    def run_batched(self, plan: list[tuple[str, int]], branch_dim: int) -> None:
-        """Runs every branch as one batched pass along a plate at ``branch_dim``."""
+    def run_batched(
+        self, plan: list[tuple[str, int]], branch_dim: int, guard: Optional[ReadGuard] = None
+    ) -> None:
+        """Runs every branch as one batched pass along a plate at ``branch_dim``, model and
+        guide under ``guard`` when given."""
         plate = pyro.plate(_BRANCH_PLATE, len(plan), dim=branch_dim)
         handler = BranchMessenger(self.sampler, plan, branch_dim)
-        with batched_pass_errors(handler.seen):
+        with batched_pass_errors(handler.seen), guard or nullcontext():
             costs = self._run_branch(handler, plate)
         check_all_seen(self.sampler.order, handler.seen)
         frame = next(f for key in costs for f in key if f.name == _BRANCH_PLATE)
@@ -322,14 +328,15 @@ class Particle:
                     surrogate = surrogate + (weight * score).sum()
         return surrogate
 
-    def differs_from(self, other: Particle, atol: float = 1e-4) -> bool:
-        """Whether the member signals of ``other`` (the same particle run by another executor)
-        differ where both are deterministic (no fresh draw at or after the flip)."""
+    def differs_from(self, member_signals: dict, atol: float = 1e-4) -> bool:
+        """Whether ``member_signals`` (of the same particle's branches run by another executor)
+        differ from this particle's where both are deterministic (no fresh draw at or after the
+        flip)."""
         fresh = [p for n, p in self.sampler.position.items() if n not in self.samples]
         for name, signals in self.member_signals.items():
             if any(p >= self.sampler.position[name] for p in fresh):
                 continue
-            for a, b in zip(signals[1:], other.member_signals[name][1:]):
+            for a, b in zip(signals[1:], member_signals[name][1:]):
                 a, b = torch.as_tensor(a), torch.as_tensor(b)
                 if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=atol):
                     return True

@@ -23,6 +23,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from pyro_arm.estimators import Estimator
+from pyro_arm.reads import unguarded
 from pyro_arm.sites import bernoulli_logits, estimator_logits, is_arm_site, is_subsample_site
 
 
@@ -128,7 +129,8 @@ def branch_rule(before, at, base: torch.Tensor, own: Value, later: Value) -> tor
         return value() if callable(value) else value
     own = own() if callable(own) else own
     later = later() if callable(later) else later
-    return torch.where(before, base, torch.where(at, own, later))
+    with unguarded():
+        return torch.where(before, base, torch.where(at, own, later))
 
 
 class BranchMessenger(Messenger):
@@ -199,7 +201,8 @@ class BranchMessenger(Messenger):
         """The flipped positions as a tensor ``(B, 1, ..., 1)`` that broadcasts against a
         sample of a site with ``event_dim`` event dims."""
         shape = (-1,) + (1,) * (-self.branch_dim - 1 + event_dim)
-        return torch.tensor(self.flips, device=device).reshape(shape)
+        with unguarded():
+            return torch.tensor(self.flips, device=device).reshape(shape)
 
     def _own(self, msg, sample: Optional[SiteSample]) -> torch.Tensor:
         if sample is None:
@@ -208,9 +211,10 @@ class BranchMessenger(Messenger):
             return value
         if self.branch_dim is None:
             return sample.z[self.ks[0]]
-        own = sample.z[torch.tensor(self.ks, device=sample.z.device)]
-        ones = (1,) * (-self.branch_dim + sample.event_dim - own.dim())
-        return own.reshape(own.shape[:1] + ones + own.shape[1:])
+        with unguarded():
+            own = sample.z[torch.tensor(self.ks, device=sample.z.device)]
+            ones = (1,) * (-self.branch_dim + sample.event_dim - own.dim())
+            return own.reshape(own.shape[:1] + ones + own.shape[1:])
 
     def _later(self, msg, sample: Optional[SiteSample]) -> torch.Tensor:
         fn = msg["fn"]
@@ -219,5 +223,6 @@ class BranchMessenger(Messenger):
         if sample is not None and bernoulli_logits(fn) is not None:
             v = sample.v[0]
             if torch.broadcast_shapes(v.shape, fn.shape()) == fn.shape():
-                return (v < torch.sigmoid(estimator_logits(fn))).to(sample.z.dtype)
+                with unguarded():
+                    return (v < torch.sigmoid(estimator_logits(fn))).to(sample.z.dtype)
         return fn(*msg["args"], **msg["kwargs"])

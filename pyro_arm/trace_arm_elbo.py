@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
+from contextlib import nullcontext
 from typing import Any, Optional
 
 import pyro
@@ -17,8 +17,10 @@ from pyro_arm.baselines import baseline_options, leave_one_out, site_baseline
 from pyro_arm.batching import batched_pass_errors
 from pyro_arm.costs import LogPMessenger, detached, model_costs
 from pyro_arm.estimators import check_num_samples, get_estimator
+from pyro_arm.executors import BranchExecutor
 from pyro_arm.multisample import rloo_weights
 from pyro_arm.particle import Particle, ParticleContext
+from pyro_arm.reads import ReadGuard
 from pyro_arm.sampler import SampleMessenger
 
 #: The ``model_grad`` choices: the model-parameter gradient at the base run, or (``"arms"`` only)
@@ -60,13 +62,13 @@ class TraceARM_ELBO(ELBO):
 
     **Batched branches.** With ``vectorize_particles=True`` the particles run as one batched
     base pass, and the branches of all sites and particles as one more batched pass, off the
-    gradient tape. Otherwise each particle's branches run as one batched pass too once the
-    first call has shown that this is safe for the model and guide: their structure read no
-    sampled value into Python, and a batched pass of that call's branches (along a plate left
-    of every plate, ``max_plate_nesting`` guessed if unset) gave the same signals as the
-    looped one wherever no site is drawn afresh. Otherwise, or if a later batched pass fails,
-    the branches run one by one, following value-dependent structure; their cost then grows
-    with the square of the number of sites, which a warning says once for large models.
+    gradient tape. Otherwise each particle's branches run as one batched pass where that is
+    proven equivalent to running them one by one, on every call (:mod:`pyro_arm.executors`): a
+    pass that reads a sampled value into Python (``bool``, ``.item()``, ``.tolist()``,
+    ``.numpy()``, ``torch.equal``, value-dependent shapes; :mod:`pyro_arm.reads`) is abandoned
+    for the looped branches, and a code path not met before is checked against the looped
+    branches first. Where the branches run one by one their cost grows with the square of the
+    number of sites, which a warning says once for large models.
 
     **Plate-local signals.** Each cost term is summed down to the plates it shares with site
     :math:`t`, so datapoint :math:`n`'s logits are driven by datapoint :math:`n`'s terms. Where a
@@ -157,8 +159,8 @@ class TraceARM_ELBO(ELBO):
             vectorize_particles=vectorize_particles,
             **kwargs,
         )
-        #: per (model, guide): whether unvectorized particles run their branches batched
-        self._batch_branches: dict = {}
+        #: runs the branches, batched where that is proven equivalent to running them looped
+        self.executor = BranchExecutor()
 
     @property
     def runs(self) -> int:
@@ -221,7 +223,8 @@ class TraceARM_ELBO(ELBO):
             sampler = SampleMessenger(self.estimator, self.num_samples, subsamples)
             # the sampler wraps the guide outside every plate, the particles' included
             with batched_pass_errors(sampler.order if vectorized else None):
-                traces = self._get_trace(model, sampler(guide), args, kwargs)
+                with ReadGuard() if vectorized and self.runs > 1 else nullcontext():
+                    traces = self._get_trace(model, sampler(guide), args, kwargs)
             particles.append(Particle(context, *traces, sampler))
         if self._tracks_dependencies():
             for particle in particles:
@@ -240,71 +243,8 @@ class TraceARM_ELBO(ELBO):
         return -self._user_nesting() - 1
 
     def _run_branches(self, particles: list[Particle], model, guide, args, kwargs) -> None:
-        """Runs every particle's branches, batched where that is known to be safe."""
-        if self.vectorize_particles:
-            for particle in particles:
-                particle.run_branches(self._particle_dim() - 1)
-            return
-        key = (model, guide)
-        batched = self._batch_branches.get(key)
-        control = any(p.dependencies is not None and p.dependencies.control for p in particles)
-        if batched and not control:
-            try:
-                for particle in particles:
-                    particle.run_branches(batched)
-                return
-            except Exception as exc:  # the looped branches raise what is the model's own
-                self._batch_branches[key] = False
-                self._warn_looped(particles, f"a batched pass of branches failed: {exc}")
-        for particle in particles:
-            particle.run_branches(None)
-        if batched is None:
-            self._batch_branches[key] = self._probe(particles, model, guide, args, kwargs)
-
-    def _probe(self, particles, model, guide, args, kwargs) -> Optional[int]:
-        """
-        The branch dim at which the branches of this model and guide can run batched, checked
-        on the first particle of this call against its looped branches; ``False`` if they
-        cannot (value-dependent structure, or nothing to batch).
-        """
-        first = particles[0]
-        plan = first.plan()
-        if any(p.dependencies is not None and p.dependencies.control for p in particles):
-            self._warn_looped(particles, "the model or guide reads sampled values into Python")
-            return False
-        if len(plan) < 2 or any(p.plan() != plan for p in particles):
-            return False
-        saved = self.max_plate_nesting
-        probe = Particle(first.context, first.model_trace, first.guide_trace, first.sampler)
-        probe.dependencies = first.dependencies
-        try:  # the probe may fail in any way: the looped branches then stay
-            with _fork_rng(), torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if saved == float("inf"):
-                    self._guess_max_plate_nesting(model, guide, args, kwargs)
-                branch_dim = -self.max_plate_nesting - 1
-                probe.run_branches(branch_dim)
-        except Exception as exc:
-            self.max_plate_nesting = saved
-            self._warn_looped(particles, f"a batched pass of branches failed: {exc}")
-            return False
-        self.max_plate_nesting = saved
-        if first.differs_from(probe):
-            self._warn_looped(particles, "a batched pass of branches gave other signals")
-            return False
-        return branch_dim
-
-    def _warn_looped(self, particles: list[Particle], reason: str) -> None:
-        rows = len(particles[0].plan())
-        if rows >= _WARN_LOOPED_ROWS:
-            warnings.warn(
-                f"TraceARM_ELBO runs the {rows} branches of each particle one by one ({reason}); "
-                "a step then costs time quadratic in the number of sites. A model and guide "
-                "that read no sampled value into Python (.item(), `if z:`) and whose tensors "
-                "broadcast over plates run their branches as one batched pass; "
-                "vectorize_particles=True asks for that outright.",
-                stacklevel=4,
-            )
+        """Runs every particle's branches, by the rule of :mod:`pyro_arm.executors`."""
+        self.executor.run(self, particles, model, guide, args, kwargs)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """
@@ -450,10 +390,6 @@ class TraceARM_ELBO(ELBO):
                 stacked = torch.stack([signals[i][name][0] for i in have])
                 for i, baseline in zip(have, leave_one_out(stacked, 0)):
                     baselines[i][name] = baseline
-
-
-#: The number of branches per particle from which running them one by one is worth a warning.
-_WARN_LOOPED_ROWS = 16
 
 
 def _grouped(fn, signal: torch.Tensor, dim: int, group: int) -> torch.Tensor:

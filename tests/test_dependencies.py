@@ -6,7 +6,9 @@ ignores them, and coarsens them (unbiased, where Pyro's ELBOs are not) when it r
 """
 
 import pyro
+import pyro.distributions as dist
 import pytest
+import torch
 
 from pyro_arm import TraceARM_ELBO, particle
 from pyro_arm.dependencies import Dependencies, needs_dependencies, trace_dependencies
@@ -175,3 +177,26 @@ def test_replay_per_run_under_control_flow_reads(monkeypatch):
     model, guide, args = tiny_models.categorical_switch()
     TraceARM_ELBO(num_particles=3).loss_and_grads(model, guide, *args)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda c: torch.equal(c, torch.tensor(1)),
+        lambda c: c.numpy().item() == 1,
+        lambda c: c.tolist() == 1,
+        lambda c: bool(torch.isin(c, torch.tensor([1])).all()),
+        lambda c: len(c.reshape(1).nonzero()) > 0,
+    ],
+    ids=["equal", "numpy", "tolist", "all", "nonzero"],
+)
+def test_every_kind_of_read_is_recorded(read):
+    """Reads that return Python data or value-shaped tensors name the site they read."""
+
+    def guide():
+        c = pyro.sample("c", dist.Categorical(logits=torch.zeros(3)))
+        pyro.sample("z", dist.Bernoulli(logits=torch.tensor(1.0 if read(c) else -1.0)))
+
+    values = {"c": torch.tensor(1), "z": torch.tensor(0.0)}
+    deps = trace_dependencies(lambda: None, guide, values, (), {})
+    assert deps.control == frozenset({"c"})

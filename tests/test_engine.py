@@ -13,7 +13,13 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_arm import ESTIMATORS, Estimator, TraceARM_ELBO, register_estimator, trace_arm_elbo
+from pyro_arm import (
+    ESTIMATORS,
+    Estimator,
+    TraceARM_ELBO,
+    register_estimator,
+    trace_arm_elbo,
+)
 from pyro_arm.multisample import rloo
 from tests import tiny_models
 from tests.exact import assert_unbiased
@@ -121,11 +127,12 @@ def chain(num_steps: int, reads_value: bool = False):
 
 
 def test_default_mode_batches_branches_once_safe():
-    """The first call runs 1 + T guide runs and a batched probe; later calls 1 + 1."""
+    """The first call proves its batched pass against 1 + T looped runs; later calls run 1 + 1."""
     model, guide, args = chain(6)
     elbo = TraceARM_ELBO(estimator="disarm")
     assert counted_runs(elbo, model, guide, args) == 2
-    assert list(elbo._batch_branches.values()) == [-2]
+    assert list(elbo.executor.branch_dims.values()) == [-2]
+    assert not elbo.executor.looped
 
 
 def test_default_mode_stays_looped_for_value_dependent_structure():
@@ -159,7 +166,7 @@ def test_probe_keeps_a_model_that_breaks_batching_looped():
     model, guide, args = sums_over_everything()
     elbo = TraceARM_ELBO(estimator="disarm", num_particles=2)
     assert_unbiased(elbo, model, guide, args, num_samples=4000, seed=0)
-    assert elbo._batch_branches[(model, guide)] is False
+    assert (model, guide) in elbo.executor.looped
 
 
 def test_checker_rejects_batching_a_model_that_breaks_it(monkeypatch):
