@@ -80,8 +80,8 @@ class AutoDiscrete(AutoGuide):
         *,
         create_plates: Optional[Callable] = None,
     ) -> None:
-        self.init_logits = init_logits
         super().__init__(model, create_plates=create_plates)
+        self.init_logits = init_logits
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
