@@ -277,6 +277,19 @@ def test_iwelbo():
             assert torch.isfinite(torch.tensor(svi.step(data)))
 
 
+def test_readme_no_guide_variant_runs(capsys):
+    """The README's AutoDiscrete variant of the quick start, on 30 steps in place of 300."""
+    from tests.test_tutorials import ROOT, quick_start
+
+    readme = (ROOT / "README.md").read_text()
+    namespace = {"__name__": "quick_start"}
+    for heading in ("## Quick start", "**No guide to write.**"):
+        code = quick_start(readme, heading)
+        assert "range(300)" in code
+        exec(compile(code.replace("range(300)", "range(30)"), "README.md", "exec"), namespace)
+    assert "q(z = 1) of datapoint 0 after 30 steps: tensor([" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
