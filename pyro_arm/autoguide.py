@@ -23,7 +23,7 @@ from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
 from pyro_arm.sites import _innermost
 
-#: The families :class:`AutoDiscrete` guides, by the name its readouts use.
+#: The families :class:`AutoDiscrete` guides, by the name it records for each site.
 FAMILIES = {"bernoulli": Bernoulli, "categorical": Categorical, "one_hot": OneHotCategorical}
 
 
