@@ -16,7 +16,7 @@ VENV=${VENV:-.venv}
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test,docs,bench,lightning]"
+python -m pip install -q -e ".[test,docs,bench,lightning,examples]"
 ruff check .
 ruff format --check .
 CI=1 python -m pytest -q "${TIER[@]}" ${ARGS[@]+"${ARGS[@]}"}

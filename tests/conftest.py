@@ -52,6 +52,8 @@ SLOW = (
     r"test_distributed\.py::test_torchrun_resume_is_exact",
     r"test_distributed\.py::test_torchrun_divergence_ends_every_rank_at_the_same_step",
     r"test_lightning_example\.py::",
+    # the gallery's examples in smoke mode (subprocesses; the exact references take a while)
+    r"test_examples\.py::",
 )
 _SLOW = re.compile("|".join(f"(?:{pattern})" for pattern in SLOW))
 
