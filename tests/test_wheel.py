@@ -23,6 +23,9 @@ import pyro_arm
 from tests.process_state import process_state_fixture  # noqa: F401  (autouse)
 from tests.test_tutorials import quick_start
 
+# one build and one venv for the module, also under pytest-xdist (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("wheel")
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pyro_arm"
 DATA = "pyro_arm/sbn/datasets/mnist_subset.npz"
