@@ -3,12 +3,14 @@
 Fixtures shared by the tests, and the one place that splits them into two tiers.
 
 - The **fast tier**, ``pytest -m "not slow"`` (``bash scripts/test.sh``), covers every module in
-  a few minutes on two cores: the exact-enumeration checks on the small cases, vectorized and
-  sequential; the CLI end to end on a few steps; one ``torchrun`` launch.
+  at most three minutes on two cores: every estimator on every tiny model against exact
+  enumeration, vectorized at the checker's smallest size, and one case sequential per family
+  (``scripts/check_fast_tier.py`` checks the coverage); the CLI end to end on a few steps; one
+  ``torchrun`` launch.
 - The **full tier**, ``pytest`` (``bash scripts/test.sh --full``, ``.ci/run``), adds the tests
   marked ``slow``: those with ``@pytest.mark.slow`` in their file, and those whose node ids match
-  :data:`SLOW` below (Monte Carlo checks on the larger cases and in sequential mode, power checks
-  of the checkers, subprocess and notebook runs).
+  :data:`SLOW` below (Monte Carlo checks at the larger sizes and in sequential mode, power checks
+  of the checkers, subprocess and notebook runs, the installed wheel).
 """
 
 import os
