@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def test_release_files_name_the_version_of_the_package():
     released = re.findall(r"^## \[(\d[^]]*)\]", changelog, re.M)
     assert released[0] == version, "the newest CHANGELOG.md entry is not this version"
     assert f"[{version}]: " in changelog
-    assert 'version = "' not in (ROOT / "pyproject.toml").read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
 
 
 @pytest.mark.slow
