@@ -52,11 +52,15 @@ def _elbo(estimator, vectorize, n):
 
 
 # The fast tier: every case at the checker's smallest size (30 calls), vectorized, and one case
-# sequential (tests/conftest.py marks the other sequential ones slow).
-@pytest.mark.parametrize("vectorize", [False, True], ids=["seq", "vec"])
+# sequential; test_unbiased_vectorized and test_unbiased_sequential run the larger sizes.
+FAST = [(case, True) for case in CASES] + [("one_layer", False)]
+
+
 @pytest.mark.parametrize("estimator", ["rloo", "arms"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_unbiased_fast(case, estimator, vectorize):
+@pytest.mark.parametrize(
+    "case, vectorize", FAST, ids=[f"{c}-{'vec' if v else 'seq'}" for c, v in FAST]
+)
+def test_unbiased_fast(case, vectorize, estimator):
     model, guide, args = CASES[case]()
     elbo, _ = _elbo(estimator, vectorize, 3)
     assert_unbiased(elbo, model, guide, args, num_samples=30 * elbo.num_particles, seed=0)
