@@ -17,6 +17,7 @@ from tests.exact import assert_unbiased, exact_elbo, exact_loss_and_grads
 from tests.tiny_models import (
     CASES,
     CONFIGS,
+    FAST_CONFIGS,
     config_id,
     local_then_global,
     subsampled,
@@ -27,7 +28,7 @@ from tests.tiny_models import (
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", CONFIGS + FAST_CONFIGS, ids=config_id)
 @pytest.mark.parametrize("case", list(CASES))
 def test_unbiased(case, config):
     estimator, vectorize, num_particles, num_samples = config

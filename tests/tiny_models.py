@@ -23,6 +23,15 @@ CONFIGS = [
 ]
 
 
+#: The vectorized configurations at the checker's smallest size (30 calls): the fast test tier
+#: runs these, the full tier also the ones above (tests/conftest.py).
+FAST_CONFIGS = [
+    ("arm", True, 100, 3000),
+    ("disarm", True, 100, 3000),
+    ("ar", True, 100, 3000),
+]
+
+
 def config_id(c):
     return f"{c[0]}-{'vec' if c[1] else 'seq'}-P{c[2]}"
 
