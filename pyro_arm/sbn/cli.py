@@ -202,7 +202,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             raise
         return _error(
             f"out of memory ({allocation_failed(e)}); give the process more memory, or train "
-            "with a smaller --batch-size or smaller layers (--model)"
+            "with a smaller --batch-size, fewer --num-samples (with --objective iwae, rloo or "
+            "arms) or smaller layers (--model)"
         )
     except TrainingInterrupted as e:
         return _error(str(e), 128 + e.signum, every_rank=e.aborted)

@@ -66,7 +66,13 @@ from pyro_arm.sbn.files import atomic_write_text, open_regular
 from pyro_arm.sbn.interrupts import Aborted, Interrupted, StopSignals, signal_name
 from pyro_arm.sbn.metrics import append_metrics, read_metrics, truncate_metrics, write_metrics
 from pyro_arm.sbn.models import SigmoidBeliefNet, build_sbn
-from pyro_arm.sbn.resources import OutOfMemory, allocation_failed, check_fits, is_out_of_memory
+from pyro_arm.sbn.resources import (
+    OutOfMemory,
+    allocation_failed,
+    check_fits,
+    is_out_of_memory,
+    memory_options,
+)
 from pyro_arm.sbn.rundir import check_location, run_folder
 from pyro_arm.sbn.seeding import Stream, forked, generator, seed_global
 
@@ -188,7 +194,12 @@ def _build(config: TrainConfig, run_id: Optional[str]) -> _Run:
     device = ranks.device(config.device)
     check_fits(config.model, device)
     ranks.setup(device, config.batch_size)
-    data = load_mnist(config.data, config.binarization)
+    try:
+        data = load_mnist(config.data, config.binarization)
+    except MemoryError:
+        raise OutOfMemory(
+            f"out of memory loading --data {config.data}; give the process more memory"
+        ) from None
     torch.manual_seed(config.seed)  # the initial parameters
     pyro.clear_param_store()
     try:
@@ -467,8 +478,7 @@ def _out_of_memory(error: BaseException, run: _Run, where: str, saved_step: int)
     )
     return OutOfMemory(
         f"out of memory {where} ({allocation_failed(error)}); {kept}; start again in a new "
-        f"--run-dir with a smaller --batch-size (now {config.batch_size}) or smaller layers "
-        f"(--model {config.model})"
+        f"--run-dir with {memory_options(config)}"
     )
 
 
