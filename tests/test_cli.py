@@ -180,6 +180,10 @@ ERRORS = {
     "option": (["--bogus"], "unrecognized arguments: --bogus"),
     "data": (["--data", "/no/such/folder"], "data folder /no/such/folder does not exist"),
     "resume": (["--resume"], "no checkpoint"),
+    "num_samples": (
+        ["--objective", "iwae", "--estimator", "vimco", "--num-samples", "10000000"],
+        "--num-samples: IWELBO: num_samples=10,000,000 is beyond 10,000",
+    ),
 }
 
 
