@@ -320,6 +320,21 @@ def test_out_of_memory_reading_a_data_file_names_it(tmp_path, capsys, monkeypatc
     )
 
 
+def test_out_of_memory_loading_the_data_names_it(tmp_path, capsys, monkeypatch):
+    import pyro_arm.sbn.train as train_module
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(train_module, "load_mnist", out_of_memory)
+    status, _, err = train(capsys, "--run-dir", str(tmp_path / "r"), *FAST)
+    assert status == 2
+    assert (
+        err
+        == "pyro-arm: error: out of memory loading --data embedded; give the process more memory"
+    )
+
+
 def test_threads_is_applied_and_recorded(tmp_path, capsys, monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pyro_arm.sbn.config import ConfigError
-from pyro_arm.sbn.files import UnsafeFile, entry_kind, open_regular
+from pyro_arm.sbn.files import check_regular, open_regular
 
 __all__ = [
     "LOCK_FILE",
@@ -80,17 +80,11 @@ def check_entries(run_dir: Path) -> None:
         or not a regular file (a folder, a FIFO, a socket, a device); none is followed.
     """
     try:
-        entries = sorted(os.scandir(run_dir), key=lambda entry: entry.name)
+        names = sorted(os.listdir(run_dir))
     except (FileNotFoundError, NotADirectoryError):
         return
-    for entry in entries:
-        try:
-            mode = entry.stat(follow_symlinks=False).st_mode
-        except FileNotFoundError:  # removed meanwhile (a temporary file renamed)
-            continue
-        kind = entry_kind(mode)
-        if kind != "a regular file":
-            raise UnsafeFile(run_dir / entry.name, kind)
+    for name in names:
+        check_regular(run_dir / name)
 
 
 def check_fresh(run_dir: Path) -> None:
