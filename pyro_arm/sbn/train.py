@@ -174,7 +174,7 @@ class _Run:
     x_valid: Tensor
     ranks: Ranks
     step_loss: Callable[[Tensor], float]  # accumulates grads; -ELBO summed over the global batch
-    run_id: Optional[str]  # None: a run made before runs had an identity
+    run_id: Optional[str] = None  # drawn when the run starts (None: a run made before ids)
 
     @property
     def dir(self) -> Path:
@@ -189,7 +189,7 @@ class _Run:
         return self.dir / "metrics.csv"
 
 
-def _build(config: TrainConfig, run_id: Optional[str]) -> _Run:
+def _build(config: TrainConfig) -> _Run:
     ranks = Ranks.from_env()
     device = ranks.device(config.device)
     check_fits(config.model, device)
@@ -222,7 +222,7 @@ def _build(config: TrainConfig, run_id: Optional[str]) -> _Run:
     stream = _TrainStream(data, config.batch_size, config.seed, device, ranks)
     x_valid = data.fixed("valid", seed=0).to(device)
     step_loss = distributed.step_function(ranks, sbn, elbo)
-    return _Run(config, device, data, sbn, elbo, stream, x_valid, ranks, step_loss, run_id)
+    return _Run(config, device, data, sbn, elbo, stream, x_valid, ranks, step_loss)
 
 
 def _start(run: _Run, checkpoint: Optional[dict], log: Callable[[str], None]) -> TrainState:
@@ -584,7 +584,8 @@ def train(
                 _check_same_run(checkpoint, run_dir)
                 run_id = checkpoint["config"].get("run_id")
             try:
-                run = _build(config, run_id)
+                run = _build(config)
+                run.run_id = run_id
                 state = _start(run, checkpoint, log)
                 if main:
                     _write_info(run)
