@@ -191,13 +191,23 @@ def get_estimator(name: str) -> Estimator:
         raise ValueError(f"Unknown estimator {name!r}; expected one of {valid}") from None
 
 
+#: The most samples one estimate may draw (``num_samples`` of the multi-sample estimators and of
+#: :class:`~pyro_arm.IWELBO`). Every sample is a run of model and guide, milliseconds in Pyro
+#: even for a tiny model when run one by one (a row of every site when vectorized), so 10,000
+#: samples already take seconds per step; beyond that a step does not finish in useful time, nor
+#: IWELBO's leave-one-out bounds (``K^2`` values per datapoint) fit in memory. Raise it to allow
+#: more.
+MAX_NUM_SAMPLES = 10_000
+
+
 def check_num_samples(estimator: Estimator, num_samples: Optional[int]) -> Optional[int]:
     """
-    Validates ``num_samples`` for ``estimator``: an int ``>= 2`` (default 2) for a multi-sample
-    estimator, ``None`` for the others.
+    Validates ``num_samples`` for ``estimator``: an int from 2 to :data:`MAX_NUM_SAMPLES`
+    (default 2) for a multi-sample estimator, ``None`` for the others.
 
-    :raises ValueError: on ``num_samples < 2`` with a multi-sample estimator, or on
-        ``num_samples`` passed to an estimator that does not take it (naming those that do).
+    :raises ValueError: on ``num_samples < 2`` or ``> MAX_NUM_SAMPLES`` with a multi-sample
+        estimator, or on ``num_samples`` passed to an estimator that does not take it (naming
+        those that do).
     """
     if not estimator.multi_sample:
         if num_samples is not None:
@@ -212,5 +222,12 @@ def check_num_samples(estimator: Estimator, num_samples: Optional[int]) -> Optio
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(
             f"estimator {estimator.name!r} needs num_samples >= 2 (an int), got {num_samples!r}"
+        )
+    if num_samples > MAX_NUM_SAMPLES:
+        raise ValueError(
+            f"estimator {estimator.name!r}: num_samples={num_samples:,} is beyond "
+            f"{MAX_NUM_SAMPLES:,}, the most one estimate may draw: each sample is a run of model "
+            "and guide, so a step would not finish (raise "
+            "pyro_arm.estimators.MAX_NUM_SAMPLES to allow it)"
         )
     return num_samples

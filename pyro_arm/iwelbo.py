@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer.util import MultiFrameTensor, is_validation_enabled
 from pyro.util import warn_if_nan
 
+from pyro_arm import estimators
 from pyro_arm.estimators import Estimator, copula_uniforms, disarm
 from pyro_arm.multisample import arms
 from pyro_arm.particle import Particle
@@ -47,11 +48,14 @@ class IWELBO(TraceARM_ELBO):
 
     **Which bound.** Where every sample site of model and guide lies inside one common outermost
     plate (the data plate of an autoencoder), the bound is formed per element :math:`n` of that
-    plate, :math:`s \sum_n \log \frac1K \sum_k w_{k,n}`, each log-weight summed from that
-    element's terms, and :math:`s` the plate's subsample scale (every site must carry that one
-    scale; another :class:`~pyro.poutine.scale` is an error, since it would make the bound
-    ill-defined). Otherwise (a latent outside the plate) the bound is one joint bound over all
-    sites, the scaled terms inside the log, as ``RenyiELBO(alpha=0)`` forms it.
+    plate, :math:`\sum_n s_n \log \frac1K \sum_k w_{k,n}`, each log-weight summed from that
+    element's unscaled terms, and :math:`s_n` the scale of element :math:`n`, outside the log:
+    the plate's subsample scale times any :class:`~pyro.poutine.scale` that varies along the
+    plate only (a weight per datapoint). Every site must carry the same scales; a scale that
+    differs between sites (the model's alone) or varies within an element is a ``ValueError``,
+    since a scale inside the log makes the per-element bound ill-defined. Otherwise (a latent
+    outside the plate) the bound is one joint bound over all sites, the scaled terms inside the
+    log, as ``RenyiELBO(alpha=0)`` forms it.
 
     **Estimators.** With :math:`L` the bound of an element and :math:`L^{(k \to z')}` the bound
     with sample :math:`k` replaced by a run :math:`z'`:
@@ -75,7 +79,12 @@ class IWELBO(TraceARM_ELBO):
     model's parameters, reparameterized sites, and the explicit :math:`-\log q(z_k)` of every
     guide site, whose mean is not zero in this bound.
 
-    :param int num_samples: :math:`K \ge 2`, the samples inside the bound.
+    **Cost.** A particle runs model and guide :math:`K` times (plus the branches), and the
+    leave-one-out bounds hold :math:`K^2` values per datapoint, so :math:`K` is bounded by
+    :data:`pyro_arm.estimators.MAX_NUM_SAMPLES` (10,000): beyond it a step would not finish.
+
+    :param int num_samples: :math:`K`, the samples inside the bound, from 2 to
+        :data:`~pyro_arm.estimators.MAX_NUM_SAMPLES`.
     :param str estimator: ``"vimco"`` (default), ``"disarm"`` or ``"arms"``.
     :param int num_members: the ``"arms"`` members per Bernoulli site (``>= 2``, default 3).
     :param int num_particles: independent estimates of the bound, averaged.
@@ -94,8 +103,7 @@ class IWELBO(TraceARM_ELBO):
         num_members: int = 3,
         **kwargs: Any,
     ) -> None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-            raise ValueError(f"IWELBO needs num_samples >= 2 (an int), got {num_samples!r}")
+        check_iw_num_samples(num_samples)
         if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 2:
             raise ValueError(f"num_members must be an int >= 2, got {num_members!r}")
         estimators = _iw_estimators(num_members)
@@ -142,6 +150,23 @@ class IWELBO(TraceARM_ELBO):
         return loss, surrogate_loss, particles
 
 
+def check_iw_num_samples(num_samples: int) -> None:
+    """
+    :raises ValueError: unless ``num_samples`` is an int from 2 to
+        :data:`~pyro_arm.estimators.MAX_NUM_SAMPLES`.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"IWELBO needs num_samples >= 2 (an int), got {num_samples!r}")
+    if num_samples > estimators.MAX_NUM_SAMPLES:
+        gib = num_samples**2 * 4 / 2**30
+        raise ValueError(
+            f"IWELBO: num_samples={num_samples:,} is beyond {estimators.MAX_NUM_SAMPLES:,}, the "
+            "most one bound may draw: each sample is a run of model and guide, and the "
+            f"leave-one-out bounds take {gib:,.0f} GiB per datapoint (float32), so a step would "
+            "not finish (raise pyro_arm.estimators.MAX_NUM_SAMPLES to allow it)"
+        )
+
+
 class _Bound:
     """
     The bound of one call: its form (per element of the data plate, or joint), the log-weights
@@ -168,17 +193,21 @@ class _Bound:
         self.dim = elbo._particle_dim() if elbo.vectorize_particles else None
         self.log_w = self.stack([self.log_weight(p, grad=False) for p in particles])
 
+    def unscaled(self, value) -> torch.Tensor:
+        """``value`` (scaled terms summed per element) without the scale of each element."""
+        return torch.as_tensor(value) / self.scale
+
     def log_weight(self, particle: Particle, grad: bool) -> torch.Tensor:
         """A base run's log-weights, summed down to the row frames, unscaled in the local form;
         with ``grad``, from the traces' log-densities with their gradient."""
         if not grad:
-            return torch.as_tensor(particle.costs.sum_to(particle.row_frames)) / self.scale
+            return self.unscaled(particle.costs.sum_to(particle.row_frames))
         costs = MultiFrameTensor()
         for sign, trace in ((1.0, particle.model_trace), (-1.0, particle.guide_trace)):
             for site in trace.nodes.values():
                 if site["type"] == "sample" and not is_subsample_site(site):
                     costs.add((site["cond_indep_stack"], sign * site["log_prob"]))
-        return torch.as_tensor(costs.sum_to(particle.row_frames)) / self.scale
+        return self.unscaled(costs.sum_to(particle.row_frames))
 
     def stack(self, values: list) -> torch.Tensor:
         """Values of the ``P K`` runs (a list of per-run tensors, or one tensor over the
@@ -203,7 +232,7 @@ class _Bound:
 
     def value(self) -> torch.Tensor:
         """The bound, averaged over particles (detached)."""
-        return self.scale * _log_mean_exp(self.log_w, 1).sum() / self.P
+        return (self.scale * _log_mean_exp(self.log_w, 1)).sum() / self.P
 
     def replaced(self, log_w_k: torch.Tensor) -> torch.Tensor:
         """``(P, K, *element)``: the bound with sample ``k`` replaced by ``log_w_k[:, k]``."""
@@ -220,7 +249,7 @@ class _Bound:
     def surrogate(self) -> torch.Tensor:
         """The surrogate bound, averaged over particles, whose gradient is the estimate."""
         log_w = self.stack([self.log_weight(p, grad=True) for p in self.particles])
-        surrogate = self.scale * _log_mean_exp(log_w, 1).sum()
+        surrogate = (self.scale * _log_mean_exp(log_w, 1)).sum()
         vimco, members = None, {}
         for index, particle in enumerate(self.particles):
             for name, site in particle.guide_trace.nodes.items():
@@ -250,7 +279,7 @@ class _Bound:
         values = [_log_mean_exp(self.log_w, 1).unsqueeze(1).expand_as(self.log_w)]
         for j in range(1, num):
             log_w = self.stack([p.member_signals[name][j] for p in self.particles])
-            values.append(self.replaced(log_w / self.scale))
+            values.append(self.replaced(self.unscaled(log_w)))
         return [value * self.scale for value in values]
 
     def site_signal(self, value: torch.Tensor, index: int, event_dim: int) -> torch.Tensor:
@@ -262,17 +291,20 @@ def _log_mean_exp(value: torch.Tensor, dim: int) -> torch.Tensor:
     return value.logsumexp(dim) - math.log(value.size(dim))
 
 
-def _data_plate(model_trace, guide_trace) -> tuple[Optional[Any], float]:
+def _data_plate(model_trace, guide_trace) -> tuple[Optional[Any], Union[float, torch.Tensor]]:
     """
-    The plate the bound is formed per element of, and its scale: the outermost vectorized plate
-    common to every sample site of model and guide (the particles' plate aside), or ``None``
-    and scale 1 for a joint bound.
+    The plate the bound is formed per element of, and the scale of each element: the outermost
+    vectorized plate common to every sample site of model and guide (the particles' plate aside),
+    or ``None`` and scale 1 for a joint bound.
 
-    :raises ValueError: if the sites of a per-element bound carry different scales.
+    :returns: ``(frame, scale)``; ``scale`` a float, or a tensor of the plate's size along its
+        dim (1 along the dims to its right) where it varies per element.
+    :raises ValueError: if the sites of a per-element bound carry different scales, or a scale
+        that varies within an element.
     """
     common: Optional[set] = None
-    scales = set()
-    for trace in (model_trace, guide_trace):
+    sites = []
+    for role, trace in (("model", model_trace), ("guide", guide_trace)):
         for site in trace.nodes.values():
             if site["type"] != "sample" or is_subsample_site(site):
                 continue
@@ -280,14 +312,54 @@ def _data_plate(model_trace, guide_trace) -> tuple[Optional[Any], float]:
                 f for f in site["cond_indep_stack"] if f.vectorized and f.name != _PARTICLE_PLATE
             }
             common = frames if common is None else common & frames
-            scales.add(float(site["scale"]))
+            sites.append((f"{role} site '{site['name']}'", site))
     if not common:
         return None, 1.0
     frame = min(common, key=lambda f: f.dim)
-    if len(scales) != 1:
+    scales = {name: _element_scale(name, site, frame) for name, site in sites}
+    try:
+        values = torch.broadcast_tensors(*scales.values())
+    except RuntimeError:  # per-element scales of different sizes
+        values = None
+    if values is None or not all(torch.equal(v, values[0]) for v in values):
+        named = ", ".join(f"{name} {_describe(s)}" for name, s in scales.items())
         raise ValueError(
-            f"IWELBO forms the bound per element of plate '{frame.name}', which needs one "
-            f"scale (its subsample scale) at every site; got the scales {sorted(scales)}. "
+            f"IWELBO forms the bound per element of plate '{frame.name}', which needs the same "
+            f"scale of each element at every site of model and guide; got {named}. "
             "poutine.scale at some sites makes that bound ill-defined"
         )
-    return frame, scales.pop()
+    scale = values[0]
+    if all(s.numel() == 1 for s in scales.values()):
+        return frame, float(scale)
+    return frame, scale.reshape((-1,) + (1,) * (-frame.dim - 1))
+
+
+def _element_scale(name: str, site: dict, frame: Any) -> torch.Tensor:
+    """
+    The scale of each element of ``frame`` at ``site``: a tensor of one value, or of one value
+    per element of the plate.
+
+    :raises ValueError: if the site's scale varies within an element (along another dim).
+    """
+    scale = torch.as_tensor(site["scale"]).detach()
+    if scale.numel() == 1:
+        return scale.reshape(())
+    rank = max(scale.dim(), -frame.dim)
+    scale = scale.reshape((1,) * (rank - scale.dim()) + scale.shape)
+    per_element = scale.movedim(frame.dim, 0).reshape(scale.shape[frame.dim], -1)
+    if not bool((per_element == per_element[:, :1]).all()):
+        raise ValueError(
+            f"IWELBO forms the bound per element of plate '{frame.name}'; the scale of the {name} "
+            f"(shape {tuple(site['scale'].shape)}) varies within an element, "
+            "which makes that bound ill-defined: a scale may vary along that plate only"
+        )
+    return per_element[:, 0]
+
+
+def _describe(scale: torch.Tensor) -> str:
+    """A scale in a message: its value, or its first values."""
+    values = scale.reshape(-1).tolist()
+    if len(values) == 1:
+        return f"{values[0]:g}"
+    shown = ", ".join(f"{v:g}" for v in values[:4])
+    return f"[{shown}{', ...' if len(values) > 4 else ''}]"

@@ -8,13 +8,15 @@ The bound, for ``z_1 .. z_K`` drawn independently from the guide, has two forms:
   subsample sites excluded) lies inside one common vectorized plate, the data plate. The bound is
   formed per element ``n`` of that plate::
 
-      sum_n s * log (1/K) sum_k w_{k,n}
+      sum_n s_n * log (1/K) sum_k w_{k,n}
 
   where ``log w_{k,n}`` sums the masked model log-densities minus the masked guide log-densities
   of element ``n`` of the k-th sample (each site's log-density tensor summed down to the data
-  plate's dim), WITHOUT the plate's subsample scale, and ``s = N / M`` is that subsample scale
-  (plate size ``N``, subsample size ``M``; ``s = 1`` without subsampling), applied outside the log.
-  Any other scale (``poutine.scale``) is not defined in this form and raises :class:`ValueError`.
+  plate's dim), WITHOUT scales, and ``s_n`` is the scale of element ``n``, applied outside the
+  log: the subsample scale ``N / M`` (plate size ``N``, subsample size ``M``; 1 without
+  subsampling) times any ``poutine.scale`` that varies along the data plate only (a weight per
+  datapoint). Every site must carry the same ``s_n``; a scale that differs between sites or
+  varies within an element is not defined in this form and raises :class:`ValueError`.
 - **joint**: otherwise (e.g. a global site outside the plate), ``log (1/K) sum_k w_k`` with
   ``log w_k`` the sum of every scaled, masked model log-density minus every scaled, masked guide
   log-density of the k-th sample: scales, subsample scales included, act inside the log, as
@@ -118,20 +120,54 @@ def iw_form(model, guide, *args, **kwargs) -> str:
     return detect_form(model_trace, guide_trace)[0]
 
 
+def _site_element_scale(site, frame) -> torch.Tensor:
+    """
+    The site's scale of each element of the data plate, ``[M]`` (subsample scale included).
+
+    :raises ValueError: if the scale varies within an element (along another dim).
+    """
+    lp = site["fn"].log_prob(site["value"])
+    scale = torch.as_tensor(site["scale"], dtype=lp.dtype)
+    rank = max(lp.dim(), scale.dim(), -frame.dim)
+    shape = torch.broadcast_shapes((1,) * rank, lp.shape, scale.shape)
+    per_element = scale.expand(shape).movedim(frame.dim, -1).reshape(-1, shape[frame.dim])
+    if not torch.all(per_element == per_element[:1]):
+        raise ValueError(
+            f"site {site['name']!r} has a scale that varies within an element of the data plate: "
+            "the per-element bound is not defined for it"
+        )
+    return per_element[0]
+
+
+def element_scale(model_trace, guide_trace, frame) -> torch.Tensor:
+    """
+    The scale ``s_n`` of each element of the data plate (local form), ``[M]``: the same at every
+    sample site of both traces.
+
+    :raises ValueError: if the sites carry different scales, or a scale that varies within an
+        element.
+    """
+    scales = {}
+    for trace in (model_trace, guide_trace):
+        for site in _sample_sites(trace):
+            scales[site["name"]] = _site_element_scale(site, frame)
+    values = torch.broadcast_tensors(*scales.values())
+    if not all(torch.equal(v, values[0]) for v in values):
+        raise ValueError(
+            f"the sites carry different scales {dict(scales)}: the per-element bound is not "
+            "defined for them"
+        )
+    return values[0]
+
+
 def _site_log_density(site, form: str, frame) -> torch.Tensor:
     """
-    The site's masked log-density tensor; scaled in the joint form, with the data plate's
-    subsample scale removed (and any other scale refused) in the local form.
+    The site's masked log-density tensor; scaled in the joint form, unscaled in the local form
+    (the scale of each element is applied outside the log: :func:`element_scale`).
     """
     lp = site["fn"].log_prob(site["value"])
     scale = site["scale"]
     if form == "local":
-        scale = scale / (frame.full_size / frame.size) if frame.full_size is not None else scale
-        if not torch.all(torch.as_tensor(scale) == 1.0):
-            raise ValueError(
-                f"site {site['name']!r} has a scale other than the data plate's subsample scale: "
-                "the per-element bound is not defined for it"
-            )
         scale = 1.0
     mask = site["mask"]
     if mask is not None and mask is not True:
@@ -181,13 +217,12 @@ def log_weights(
 
 def _leaf_rows(model, guide, form: str | None, args, kwargs) -> tuple:
     """
-    For every leaf: its log weight, its log-weight row and its subsample key. Returns ``(form,
-    scale, groups)``: the bound's form, the factor applied outside the log, and a dict subsample
-    key -> list of ``(log_weight, row)``.
+    For every leaf: its log weight, its log-weight row, the scale of each element (applied
+    outside the log) and its subsample key. Returns ``(form, groups)``: the bound's form, and a
+    dict subsample key -> list of ``(log_weight, row, scale)``.
     """
     groups: dict = {}
     forms = set()
-    scale = 1.0
     for leaf in leaves(model, guide, *args, **kwargs):
         guide_trace = poutine.trace(poutine.condition(guide, data=leaf.values)).get_trace(
             *args, **kwargs
@@ -208,27 +243,26 @@ def _leaf_rows(model, guide, form: str | None, args, kwargs) -> tuple:
         else:
             use = form
         forms.add(use)
-        if use == "local" and frame.full_size is not None:
-            scale = frame.full_size / frame.size
         model_trace = prune_subsample_sites(model_trace)
         guide_trace = prune_subsample_sites(guide_trace)
+        scale = element_scale(model_trace, guide_trace, frame) if use == "local" else 1.0
         row = log_weights(model_trace, guide_trace, use, frame)
-        groups.setdefault(key, []).append((leaf.log_weight, row))
+        groups.setdefault(key, []).append((leaf.log_weight, row, scale))
     if len(forms) > 1:
         raise ValueError(f"the bound's form depends on the sampled values: {sorted(forms)}")
-    return forms.pop(), scale, groups
+    return forms.pop(), groups
 
 
-def _tuples_bound(log_w: torch.Tensor, rows: torch.Tensor, K: int) -> torch.Tensor:
-    """``sum over K-tuples of prod(weights) * sum_n log mean_k exp(rows)``, the weights given by
-    ``log_w`` (normalized)."""
+def _tuples_bound(log_w: torch.Tensor, rows: torch.Tensor, K: int, scale) -> torch.Tensor:
+    """``sum over K-tuples of prod(weights) * sum_n s_n log mean_k exp(rows)``, the weights given
+    by ``log_w`` (normalized), ``s_n`` by ``scale``."""
     num = log_w.shape[0]
     if num**K > MAX_TUPLES:
         raise ValueError(f"{num} leaves give {num**K} K-tuples (more than {MAX_TUPLES})")
     idx = torch.cartesian_prod(*[torch.arange(num)] * K).reshape(-1, K)
     tuple_log_w = log_w[idx].sum(-1)  # [T]
     bound = torch.logsumexp(rows[idx], dim=1) - math.log(K)  # [T, M]
-    return (tuple_log_w.exp() * bound.sum(-1)).sum()
+    return (tuple_log_w.exp() * (scale * bound).sum(-1)).sum()
 
 
 def exact_iw_bound(
@@ -255,15 +289,16 @@ def exact_iw_bound(
     if form is not None and form not in FORMS:
         raise ValueError(f"unknown form {form!r}")
     with _hermite_nodes(num_hermite_nodes):
-        form, scale, groups = _leaf_rows(model, guide, form, args, kwargs)
+        form, groups = _leaf_rows(model, guide, form, args, kwargs)
     total = 0.0
     for members in groups.values():
-        log_w = torch.stack([torch.as_tensor(lw) for lw, _ in members])
-        rows = torch.stack([row for _, row in members])
+        log_w = torch.stack([torch.as_tensor(lw) for lw, _, _ in members])
+        rows = torch.stack([row for _, row, _ in members])
+        scale = members[0][2]  # the leaves of one subsample share it
         group_log_w = torch.logsumexp(log_w, 0)  # the probability of the subsample
         conditional = log_w - group_log_w
-        total = total + group_log_w.exp() * _tuples_bound(conditional, rows, K)
-    return scale * total
+        total = total + group_log_w.exp() * _tuples_bound(conditional, rows, K, scale)
+    return total
 
 
 def exact_iw_loss_and_grads(model, guide, K: int, *args, **kwargs):
@@ -349,8 +384,10 @@ def sample_iw_bounds(
             use, frame = detect_form(model_trace, guide_trace, ignore_plate=name)
             use = form or use
             scale = 1.0
-            if use == "local" and frame.full_size is not None:
-                scale = frame.full_size / frame.size
+            if use == "local":
+                scale = element_scale(
+                    prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace), frame
+                )
             rows = log_weights(
                 prune_subsample_sites(model_trace),
                 prune_subsample_sites(guide_trace),
@@ -360,7 +397,7 @@ def sample_iw_bounds(
                 particle_plate=name,
             )  # [per_choice * K, M]
             rows = rows.expand(per_choice * K, rows.shape[-1]).reshape(per_choice, K, -1)
-            bound = scale * (torch.logsumexp(rows, dim=1) - math.log(K)).sum(-1)
+            bound = (scale * (torch.logsumexp(rows, dim=1) - math.log(K))).sum(-1)
             out.append(bound.detach())
             if surrogate:
                 score = 0.0

@@ -11,6 +11,7 @@ quickly for K = 2 and 3 (leaves per model in each docstring).
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 from torch.distributions import constraints
 
@@ -209,5 +210,31 @@ def sigmoid_belief_net():
         c = pyro.param("c", t(0.2, -0.1))
         with pyro.plate("data", data.shape[0]):
             pyro.sample("z", dist.Bernoulli(logits=data @ v + c).to_event(1))
+
+    return model, guide, (data,)
+
+
+@_form("joint")
+def global_and_weighted_local():
+    """
+    :func:`global_and_local` with a weight per datapoint (``poutine.scale`` by a tensor inside the
+    data plate): the bound is joint, the scaled terms inside the log (8 leaves).
+    """
+    data = t(1.0, 0.0)
+    weights = t(0.5, 3.0)
+
+    def model(data):
+        g = pyro.sample("g", dist.Bernoulli(logits=t(0.3)))
+        with pyro.plate("data", 2), poutine.scale(scale=weights):
+            z = pyro.sample("z", dist.Bernoulli(logits=1.5 * g - 0.5))
+            pyro.sample("x", dist.Bernoulli(logits=3.0 * z - 1.5 + 0.5 * g), obs=data)
+
+    def guide(data):
+        a = pyro.param("a", t(-0.4))
+        b = pyro.param("b", t(0.9, -0.7))
+        c = pyro.param("c", t(1.2))
+        g = pyro.sample("g", dist.Bernoulli(logits=a))
+        with pyro.plate("data", 2), poutine.scale(scale=weights):
+            pyro.sample("z", dist.Bernoulli(logits=b + c * g))
 
     return model, guide, (data,)

@@ -162,8 +162,13 @@ def test_data_folder(tmp_path, capsys, mnist_dir):
 def corrupt_folder(tmp_path):
     folder = tmp_path / "mnist"
     folder.mkdir()
-    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
-        (folder / (stem + ".gz")).write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x09"))
+    one = (1).to_bytes(4, "big")
+    headers = {  # one image, one label, their data missing
+        "train-images-idx3-ubyte": b"\x00\x00\x08\x03" + one + (28).to_bytes(4, "big") * 2,
+        "train-labels-idx1-ubyte": b"\x00\x00\x08\x01" + one,
+    }
+    for stem, header in headers.items():
+        (folder / (stem + ".gz")).write_bytes(gzip.compress(header))
     return folder
 
 
@@ -175,6 +180,10 @@ ERRORS = {
     "option": (["--bogus"], "unrecognized arguments: --bogus"),
     "data": (["--data", "/no/such/folder"], "data folder /no/such/folder does not exist"),
     "resume": (["--resume"], "no checkpoint"),
+    "num_samples": (
+        ["--objective", "iwae", "--estimator", "vimco", "--num-samples", "10000000"],
+        "--num-samples: IWELBO: num_samples=10,000,000 is beyond 10,000",
+    ),
 }
 
 

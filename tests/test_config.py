@@ -87,6 +87,11 @@ def test_import_pyro_arm_is_light():
         ({"estimator": "rloo", "num_samples": 1}, "--num-samples: .*num_samples >= 2"),
         ({"estimator": "disarm", "num_samples": 4}, "--num-samples: .*'rloo', 'arms'"),
         ({"estimator": "tracegraph", "num_samples": 4}, "--num-samples: tracegraph does not"),
+        ({"estimator": "arms", "num_samples": 10**7}, "--num-samples: .* is beyond 10,000"),
+        (
+            {"objective": "iwae", "estimator": "disarm", "num_samples": 10**7},
+            "--num-samples: IWELBO: num_samples=10,000,000 is beyond 10,000",
+        ),
     ],
 )
 def test_validate_num_samples(changes, message):

@@ -4,6 +4,7 @@
 import gzip
 import hashlib
 import io
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -379,3 +380,102 @@ def test_batches_device_and_bad_split():
     assert b.device.type == "cpu"
     with pytest.raises(ValueError, match="unknown split"):
         d.num_examples("training")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files read to their declared size
+
+#: Zeros past the declared data in the bombs below (each a few KB of gzip per 16 MiB).
+BOMB_BYTES = 512 * 2**20
+
+
+def idx_header(*dims: int) -> bytes:
+    return bytes([0, 0, 0x08, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+
+
+def gzip_bomb(path: Path, header: bytes, zeros: int) -> None:
+    """A gzip file of ``header`` and ``zeros`` zero bytes, in members of 16 MiB, each compressed
+    once and repeated (a gzip file may hold several members)."""
+    block = gzip.compress(bytes(16 * 2**20), mtime=0)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(header, mtime=0))
+        for _ in range(zeros // (16 * 2**20)):
+            f.write(block)
+
+
+def peak_memory(fn) -> int:
+    """The peak of Python's allocations while ``fn()`` runs (numpy's included)."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def refused(folder: Path) -> str:
+    with pytest.raises(DataError) as info:
+        load_mnist(folder)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "count, message",
+    [
+        (60_000, "file has trailing data: the header declares (60000, 28, 28)"),
+        (10**6, "its header declares 1000000 x 28 x 28, not at most 60,000 images of 28x28 pixels"),
+    ],
+    ids=["declared-size", "huge-count"],
+)
+def test_a_gzip_bomb_is_refused_without_being_read(tmp_path, count, message):
+    """Gigabytes of zeros behind a header: refused, naming the file, decompressing no more than
+    the header may declare (MNIST's 47 MB of training images at most)."""
+    folder = write_folder(tmp_path / "m", fake_mnist())
+    path = folder / "train-images-idx3-ubyte.gz"
+    gzip_bomb(path, idx_header(count, 28, 28), BOMB_BYTES)
+    errors = []
+    peak = peak_memory(lambda: errors.append(refused(folder)))
+    assert errors[0].startswith(f"{path}: ") and message in errors[0]
+    assert "\n" not in errors[0]
+    assert peak < 2 * 60_000 * 784, peak  # twice the most the header may declare, at most
+
+
+def test_a_sparse_file_larger_than_its_header_is_refused_unread(tmp_path):
+    folder = write_folder(tmp_path / "m", fake_mnist(), gz=False)
+    path = folder / "train-images-idx3-ubyte"
+    with open(path, "r+b") as f:
+        f.truncate(BOMB_BYTES)  # a hole: reads as zeros, takes no disk
+    errors = []
+    peak = peak_memory(lambda: errors.append(refused(folder)))
+    assert errors[0] == (
+        f"{path}: file has trailing data: the header declares (10012, 28, 28) = 7849408 bytes of "
+        "data, found more (download it again)"
+    )
+    assert peak < 2 * 10_012 * 784, peak
+
+
+@pytest.mark.parametrize(
+    "key, dims, what",
+    [
+        (
+            "test_images",
+            (10_001, 28, 28),
+            "10001 x 28 x 28, not at most 10,000 images of 28x28 pixels",
+        ),
+        (
+            "train_images",
+            (12, 28, 28, 1),
+            "12 x 28 x 28 x 1, not at most 60,000 images of 28x28 pixels",
+        ),
+        ("train_labels", (10_012, 1), "10012 x 1, not at most 60,000 labels"),
+        ("test_labels", (10_001,), "10001, not at most 10,000 labels"),
+    ],
+)
+def test_a_header_with_other_dims_is_refused_before_its_data(tmp_path, key, dims, what):
+    """The header is checked first: the data it declares is never read (here it is missing)."""
+    folder = write_folder(tmp_path / "m", fake_mnist())
+    path = folder / (data.MNIST_FILES[key][0] + ".gz")
+    path.write_bytes(gzip.compress(idx_header(*dims), mtime=0))
+    assert refused(folder) == (
+        f"{path}: its header declares {what}; it is not an MNIST file (download it again)"
+    )

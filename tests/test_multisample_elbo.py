@@ -27,6 +27,19 @@ def test_num_samples_below_two_raises(estimator, num_samples):
         TraceARM_ELBO(estimator=estimator, num_samples=num_samples)
 
 
+@pytest.mark.parametrize("estimator", ["rloo", "arms"])
+def test_num_samples_beyond_the_bound_raises(estimator):
+    """An estimate of 10**7 samples would never finish: refused at once, in one line."""
+    with pytest.raises(ValueError) as info:
+        TraceARM_ELBO(estimator=estimator, num_samples=10**7)
+    assert str(info.value) == (
+        f"estimator {estimator!r}: num_samples=10,000,000 is beyond 10,000, the most one "
+        "estimate may draw: each sample is a run of model and guide, so a step would not "
+        "finish (raise pyro_arm.estimators.MAX_NUM_SAMPLES to allow it)"
+    )
+    assert TraceARM_ELBO(estimator=estimator, num_samples=10_000).num_samples == 10_000
+
+
 @pytest.mark.parametrize("estimator", ["arm", "disarm", "ar"])
 def test_num_samples_rejected_by_other_estimators(estimator):
     with pytest.raises(ValueError, match="'rloo', 'arms'"):

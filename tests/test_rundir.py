@@ -4,8 +4,15 @@ One run at a time writes a run folder: a second ``pyro-arm train`` on it (fresh 
 exits at once with one line naming the process that holds it and touches nothing, and a run
 killed by SIGKILL does not block its ``--resume``. Real processes: two trainings started
 together, and a lock held by another process.
+
+A run folder cannot be turned against its user: a link (or a folder, a FIFO) planted in it is
+refused in one line naming it, its target untouched, and ``--resume`` refuses a checkpoint
+copied in from another run before it changes anything.
 """
 
+import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -171,3 +178,126 @@ def test_the_lock_is_released_by_every_ending(tmp_path, capsys):
     assert main(["train", "--steps", "1", "--run-dir", str(run), *FAST]) == 0
     assert not (run / LOCK_FILE).exists()
     capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------------------------
+# A run folder cannot be turned against its user
+
+
+def test_a_link_planted_as_the_lock_leaves_its_target_untouched(tmp_path):
+    """The command line of a shared folder's trap: one line, the linked file unchanged."""
+    (tmp_path / "victim").write_text("precious\n")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / LOCK_FILE).symlink_to(tmp_path / "victim")
+    result = subprocess.run(
+        [sys.executable, "-m", "pyro_arm", "train", "--steps", "5", "--run-dir", "d"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=TIMEOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "pyro-arm: error: d/.lock is a symbolic link, not a regular file: a run folder holds only "
+        "the run's own files; remove it, or pick another --run-dir"
+    ]
+    assert (tmp_path / "victim").read_text() == "precious\n"
+    assert [p.name for p in (tmp_path / "d").iterdir()] == [LOCK_FILE]
+
+
+def plant(path, kind: str, target) -> None:
+    """Puts a ``kind`` entry at ``path``: a link to ``target``, a folder or a FIFO."""
+    if kind == "link":
+        path.symlink_to(target)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+
+
+KINDS = {"link": "a symbolic link", "folder": "a folder", "fifo": "a FIFO"}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_lock_that_is_not_a_regular_file_is_named(tmp_path, capsys, kind):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    plant(run / LOCK_FILE, kind, victim)
+    status = main(["train", "--steps", "2", "--run-dir", str(run), *FAST])
+    assert status == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"pyro-arm: error: {run / LOCK_FILE} is {KINDS[kind]}, not a regular file: a run folder "
+        "holds only the run's own files; remove it, or pick another --run-dir"
+    ]
+    assert victim.read_text() == "precious\n"
+    assert [p.name for p in run.iterdir()] == [LOCK_FILE]
+
+
+@pytest.mark.parametrize("name", ["metrics.csv", "checkpoint.pt", "summary.json", LOCK_FILE])
+def test_resume_refuses_a_link_planted_in_the_run(held_free, capsys, name):
+    """A link in a finished run's folder, to a file of the user's: refused before anything is
+    opened, the linked file and the run unchanged."""
+    run, victim = held_free
+    (run / name).unlink(missing_ok=True)
+    (run / name).symlink_to(victim)
+    before = snapshot(run)
+    status = main(["train", "--resume", "--steps", "4", "--run-dir", str(run), *FAST])
+    assert status == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"pyro-arm: error: {run / name} is a symbolic link, not a regular file: a run folder "
+        "holds only the run's own files; remove it, or pick another --run-dir"
+    ]
+    assert victim.read_text() == "precious\n"
+    assert snapshot(run) == before
+
+
+@pytest.fixture
+def held_free(tmp_path):
+    """A finished 2-step run (no lock held) and a file of the user's beside it."""
+    run = tmp_path / "run"
+    args = ["--steps", "2", "--checkpoint-every", "1", "--eval-every", "1", "--run-dir", str(run)]
+    assert main(["train", *args, *FAST]) == 0
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    return run, victim
+
+
+def test_a_folder_holding_only_a_stale_lock_is_fresh(tmp_path, capsys):
+    """A lock file left by a run that died (nobody holds it) does not keep a fresh run out."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK_FILE).write_text(f"999999999 {socket.gethostname()}\n")
+    assert main(["train", "--steps", "1", "--run-dir", str(run), *FAST]) == 0, (
+        capsys.readouterr().err
+    )
+    assert (run / "checkpoint.pt").is_file() and not (run / LOCK_FILE).exists()
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, capsys):
+    """checkpoint.pt copied in from another run folder: one line, before metrics.csv changes."""
+    runs = {}
+    for name, steps in (("a", "2"), ("b", "3")):
+        runs[name] = tmp_path / name
+        args = ["--steps", steps, "--eval-every", "1", "--run-dir", str(runs[name])]
+        assert main(["train", *args, *FAST]) == 0
+    a, b = runs["a"], runs["b"]
+    ids = {n: load_checkpoint(r / "checkpoint.pt")["config"]["run_id"] for n, r in runs.items()}
+    assert ids["a"] != ids["b"]
+    assert json.loads((b / "config.json").read_text())["config"]["run_id"] == ids["b"]
+    shutil.copy(a / "checkpoint.pt", b / "checkpoint.pt")
+    capsys.readouterr()
+    before = snapshot(b)
+    status = main(["train", "--resume", "--steps", "4", "--run-dir", str(b), *FAST])
+    assert status == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"pyro-arm: error: {b / 'checkpoint.pt'} belongs to another run (run id {ids['a']}; "
+        f"{b / 'config.json'} has {ids['b']}): it was copied from another run folder; put back "
+        "this run's checkpoint, or --resume the other run in its own folder"
+    ]
+    assert snapshot(b) == before
+    # the run's own checkpoint carries the run on, keeping its identity
+    shutil.copy(a / "checkpoint.pt", tmp_path / "a.pt")
+    assert main(["train", "--resume", "--steps", "3", "--run-dir", str(a), *FAST]) == 0
+    assert load_checkpoint(a / "checkpoint.pt")["config"]["run_id"] == ids["a"]
+    assert [r["step"] for r in read_metrics(a / "metrics.csv")] == [1, 2, 3]

@@ -24,6 +24,7 @@ from pyro_arm.sbn.checkpoint import load_checkpoint
 from pyro_arm.sbn.cli import main
 from pyro_arm.sbn.metrics import read_metrics
 from tests.process_state import process_state_fixture  # noqa: F401  (autouse)
+from tests.test_data import BOMB_BYTES, fake_mnist, gzip_bomb, idx_header, write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--eval-k", "2", "--test-size", "4", "--no-progress", "--device", "cpu"]
@@ -281,6 +282,59 @@ def test_data_naming_a_file(tmp_path, capsys):
     assert status == 2 and f"--data {path} is a file, not a folder" in err
 
 
+def bomb_folder(folder: Path) -> Path:
+    """A data folder whose training images are a gzip bomb: the header of 60,000 images, then
+    far more zeros than it declares."""
+    write_folder(folder, fake_mnist())
+    path = folder / "train-images-idx3-ubyte.gz"
+    gzip_bomb(path, idx_header(60_000, 28, 28), BOMB_BYTES)
+    return path
+
+
+def test_a_data_folder_holding_a_gzip_bomb(tmp_path, capsys):
+    path = bomb_folder(tmp_path / "mnist")
+    run = tmp_path / "r"
+    status, _, err = train(capsys, "--data", str(path.parent), "--run-dir", str(run), *FAST)
+    assert status == 2
+    assert err == (
+        f"pyro-arm: error: {path}: file has trailing data: the header declares (60000, 28, 28) = "
+        "47040000 bytes of data, found more (download it again)"
+    )
+    assert not run.exists()
+
+
+def test_out_of_memory_reading_a_data_file_names_it(tmp_path, capsys, monkeypatch):
+    from pyro_arm.sbn import data
+
+    folder = write_folder(tmp_path / "mnist", fake_mnist())
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(data, "read_idx", out_of_memory)
+    status, _, err = train(capsys, "--data", str(folder), "--run-dir", str(tmp_path / "r"), *FAST)
+    assert status == 2
+    assert err == (
+        f"pyro-arm: error: out of memory reading {folder / 'train-images-idx3-ubyte.gz'}; give the "
+        "process more memory (the file holds MNIST's sizes at most)"
+    )
+
+
+def test_out_of_memory_loading_the_data_names_it(tmp_path, capsys, monkeypatch):
+    import pyro_arm.sbn.train as train_module
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(train_module, "load_mnist", out_of_memory)
+    status, _, err = train(capsys, "--run-dir", str(tmp_path / "r"), *FAST)
+    assert status == 2
+    assert (
+        err
+        == "pyro-arm: error: out of memory loading --data embedded; give the process more memory"
+    )
+
+
 def test_threads_is_applied_and_recorded(tmp_path, capsys, monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
@@ -339,6 +393,25 @@ def test_out_of_memory_under_rlimit_as(tmp_path, args, message):
     assert result.returncode == 2, result.stderr
     assert re.fullmatch(f"pyro-arm: error: {message}\n", result.stderr), result.stderr
     assert not run.exists()  # failed before its first checkpoint: nothing left behind
+
+
+@pytest.mark.slow
+def test_a_gzip_bomb_under_rlimit_as(tmp_path):
+    """Under a memory cap smaller than the bomb, the bomb is still named, not the batch size."""
+    path = bomb_folder(tmp_path / "mnist")
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", UNDER_RLIMIT_AS, "300", "train", "--data", str(path.parent),
+         "--run-dir", str(run), *FAST],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"pyro-arm: error: {path}: file has trailing data: the header declares (60000, 28, 28) = "
+        "47040000 bytes of data, found more (download it again)\n"
+    )
+    assert not run.exists()
 
 
 def test_process_memory_limit_reads_rlimit_data():
@@ -402,6 +475,39 @@ def test_out_of_memory_in_a_step_keeps_the_last_checkpoint(tmp_path, capsys, mon
     assert [r["step"] for r in read_metrics(run / "metrics.csv")] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.parametrize(
+    "options, advice",
+    [
+        (
+            ["--objective", "iwae", "--estimator", "disarm", "--num-samples", "5"],
+            "a smaller --batch-size (now 50), fewer --num-samples (now 5) or smaller layers",
+        ),
+        (
+            ["--objective", "iwae", "--estimator", "arms", "--num-particles", "2"],
+            "a smaller --batch-size (now 50), fewer --num-particles (now 2), fewer --num-samples "
+            "(now 2), fewer --num-members (now 3) or smaller layers",
+        ),
+        (
+            ["--estimator", "rloo", "--num-samples", "4"],
+            "a smaller --batch-size (now 50), fewer --num-samples (now 4) or smaller layers",
+        ),
+    ],
+    ids=["iwae", "iwae-arms", "rloo"],
+)
+def test_out_of_memory_names_the_sample_counts(tmp_path, capsys, monkeypatch, options, advice):
+    """The options that multiply a step's memory are named with their values."""
+    import pyro_arm.sbn.train as train_module
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_module, "_train_step", fail_at(1, MemoryError()))
+    status, _, err = train(capsys, "--steps", "2", *options, "--run-dir", str(run), *FAST)
+    assert status == 2
+    assert err == (
+        "pyro-arm: error: out of memory in step 1 (an allocation failed); no checkpoint had been "
+        f"written; start again in a new --run-dir with {advice} (--model linear)"
+    )
+
+
 def test_out_of_memory_in_the_final_evaluation(finished, capsys, monkeypatch):
     from pyro_arm.sbn import distributed
 
@@ -445,5 +551,6 @@ def test_out_of_memory_reading_the_checkpoint_is_not_damage(finished, capsys, mo
     assert status == 2
     assert err == (
         "pyro-arm: error: out of memory (an allocation failed); give the process more memory, or "
-        "train with a smaller --batch-size or smaller layers (--model)"
+        "train with a smaller --batch-size, fewer --num-samples (with --objective iwae, rloo or "
+        "arms) or smaller layers (--model)"
     )

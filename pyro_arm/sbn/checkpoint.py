@@ -11,6 +11,7 @@ are inverse to each other, so a resumed run continues bit for bit (on the same d
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import textwrap
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from pyro_arm.sbn.config import ConfigError
-from pyro_arm.sbn.files import atomic_write_bytes
+from pyro_arm.sbn.files import atomic_write_bytes, open_regular
 from pyro_arm.sbn.resources import is_out_of_memory
 
 CHECKPOINT_FORMAT = 1
@@ -149,15 +150,22 @@ def _reason(error: Exception) -> str:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Reads a checkpoint (tensors and plain values only: ``weights_only=True``)."""
+    """
+    Reads a checkpoint (tensors and plain values only: ``weights_only=True``), never through a
+    link (:func:`~pyro_arm.sbn.files.open_regular`).
+
+    :raises ConfigError: if it is missing, damaged or not a pyro-arm checkpoint.
+    :raises UnsafeFile: if ``path`` is a link or not a regular file.
+    """
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        fd = open_regular(path, os.O_RDONLY)
     except FileNotFoundError:
         raise ConfigError(
             f"no checkpoint {path} to resume from; start the run without --resume"
         ) from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path} is a folder, not a checkpoint; pick another --run-dir") from None
+    try:
+        with open(fd, "rb") as f:
+            ckpt = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling / zip error means a damaged file
         if is_out_of_memory(e):
             raise

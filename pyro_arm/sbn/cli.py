@@ -9,7 +9,8 @@ Pyro estimator (see :mod:`pyro_arm.sbn.train`). Its options are generated from t
 checkpoint: options not given are taken from the saved run, and options that fix the trajectory
 (:data:`~pyro_arm.sbn.config.TRAJECTORY_FIELDS`) may not change.
 
-Bad input, a run folder in use by another run, a diverged run, a file-system error (read-only
+Bad input, a run folder in use by another run or holding a link (or anything but regular files),
+a checkpoint copied in from another run, a diverged run, a file-system error (read-only
 folder, full disk) and too little memory end with one line
 ``pyro-arm: error: <what is wrong and what to do>`` and exit status 2. The first SIGINT (Ctrl-C)
 or SIGTERM lets the current step finish, saves a checkpoint of it and exits with status 130
@@ -31,6 +32,7 @@ from pyro_arm.sbn.checkpoint import load_checkpoint
 from pyro_arm.sbn.config import TRAJECTORY_FIELDS, ConfigError, TrainConfig, flag
 from pyro_arm.sbn.data import DataError
 from pyro_arm.sbn.distributed import Ranks, shutdown
+from pyro_arm.sbn.files import UnsafeFile
 from pyro_arm.sbn.interrupts import ExitSignals, signal_name
 from pyro_arm.sbn.resources import allocation_failed, is_out_of_memory
 from pyro_arm.sbn.rundir import check_location, run_folder
@@ -191,7 +193,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         _train(args)
     except TrainingDiverged as e:  # every rank of a torchrun run agrees: rank 0 says it
         return _error(str(e), every_rank=False)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, UnsafeFile) as e:
         return _error(str(e))
     except OSError as e:
         return _error(_os_error(e))
@@ -200,7 +202,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             raise
         return _error(
             f"out of memory ({allocation_failed(e)}); give the process more memory, or train "
-            "with a smaller --batch-size or smaller layers (--model)"
+            "with a smaller --batch-size, fewer --num-samples (with --objective iwae, rloo or "
+            "arms) or smaller layers (--model)"
         )
     except TrainingInterrupted as e:
         return _error(str(e), 128 + e.signum, every_rank=e.aborted)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from pyro_arm.estimators import ESTIMATORS, check_num_samples
+from pyro_arm.iwelbo import check_iw_num_samples
 from pyro_arm.sbn.data import BINARIZATIONS
 from pyro_arm.sbn.elbo import IW_ESTIMATORS, OBJECTIVES, PYRO_BASELINES, estimator_choices
 from pyro_arm.sbn.models import ARCHITECTURES, parse_architecture
@@ -244,6 +245,11 @@ class TrainConfig:
                 )
             if self.num_samples is not None and self.num_samples < 2:
                 raise ConfigError(f"{flag('num_samples')}: the iwae objective needs >= 2")
+            if self.num_samples is not None:
+                try:
+                    check_iw_num_samples(self.num_samples)
+                except ValueError as e:
+                    raise ConfigError(f"{flag('num_samples')}: {e}") from None
             if self.model_grad is not None:
                 raise ConfigError(f"{flag('model_grad')}: not taken by the iwae objective")
             if self.num_members is not None and (self.estimator != "arms" or self.num_members < 2):

@@ -19,9 +19,13 @@ Three sources, one API (:func:`load_mnist` returns an :class:`MNISTData`):
   ``"dynamic"`` binarization draws from intensities within 15/255 of the originals.
   Labels are kept too.
 - a folder holding the four standard IDX files (``train-images-idx3-ubyte`` etc., raw or ``.gz``),
-  e.g. ``~/data/mnist``. The files are parsed with numpy (magic number, dimensions, size)
-  and a malformed, truncated or undecompressable file raises :class:`DataError` naming it. Any
-  dataset in the MNIST layout (e.g. Fashion-MNIST) reads the same way.
+  e.g. ``~/data/mnist``. Each file is read to the size its header declares and no further (a
+  ``.gz`` file is decompressed no further), after its header's dims are checked against MNIST's
+  (:data:`IDX_SHAPES`: images of 28x28 pixels, at most 60,000 training and 10,000 test items);
+  a malformed, truncated or undecompressable file, one whose header declares other dims, or one
+  longer than its header says (a gzip bomb, a sparse file) raises :class:`DataError` naming it,
+  without reading it all into memory. Any dataset in the MNIST layout (e.g. Fashion-MNIST)
+  reads the same way.
 - ``"download"``: fetches the gzip files into a cache folder (``$PYRO_ARM_CACHE/mnist``, else
   ``$XDG_CACHE_HOME/pyro-arm/mnist``, else ``~/.cache/pyro-arm/mnist``), checks the MD5 of the
   decompressed content against the published values, and writes each file atomically. The files
@@ -43,13 +47,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import math
 import os
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import BinaryIO, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -90,6 +96,15 @@ EMBEDDED_RULE: dict[str, tuple[str, int, int]] = {
     "test": ("test", 0, 2_000),
 }
 
+#: The dims each MNIST file may declare: ``(max_count, item_dims)``, the largest count being the
+#: standard file's (a file of fewer images, a subset, reads too).
+IDX_SHAPES: dict[str, tuple[int, tuple[int, ...]]] = {
+    "train_images": (60_000, (28, 28)),
+    "train_labels": (60_000, ()),
+    "test_images": (10_000, (28, 28)),
+    "test_labels": (10_000, ()),
+}
+
 _IDX_DTYPES = {0x08: np.uint8}
 
 
@@ -101,42 +116,108 @@ class DataError(ValueError):
 # IDX files
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"cannot read {path}: {e} (the file is corrupt; download it again)") from e
+def _read_header(f: BinaryIO, name: str) -> tuple[bytes, tuple[int, ...]]:
+    """The header of an IDX file (magic number and dims) and its dims, read from ``f``."""
+    magic = f.read(4)
+    if len(magic) < 4:
+        raise DataError(f"{name}: not an IDX file (only {len(magic)} bytes)")
+    zero, dtype_code, ndim = int.from_bytes(magic[:2], "big"), magic[2], magic[3]
+    if zero != 0 or dtype_code not in _IDX_DTYPES or not 1 <= ndim <= 4:
+        raise DataError(f"{name}: not an IDX file of unsigned bytes (magic {magic.hex()})")
+    raw_dims = f.read(4 * ndim)
+    if len(raw_dims) < 4 * ndim:
+        raise DataError(f"{name}: truncated IDX header")
+    dims = tuple(int.from_bytes(raw_dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
+    return magic + raw_dims, dims
+
+
+def _check_dims(name: str, dims: tuple[int, ...], expected: tuple[int, tuple[int, ...]]) -> None:
+    """:raises DataError: if ``dims`` are not ``(count, *item)`` with ``count <= max_count``, for
+    ``expected = (max_count, item)``."""
+    max_count, item = expected
+    if len(dims) == 1 + len(item) and dims[1:] == item and dims[0] <= max_count:
+        return
+    what = f"images of {'x'.join(map(str, item))} pixels" if item else "labels"
+    declared = " x ".join(map(str, dims))
+    raise DataError(
+        f"{name}: its header declares {declared}, not at most {max_count:,} {what}; it is not "
+        "an MNIST file (download it again)"
+    )
+
+
+def read_idx(
+    f: BinaryIO,
+    *,
+    name: str = "<bytes>",
+    expected: Optional[tuple[int, tuple[int, ...]]] = None,
+    update: Optional[Callable[[bytes], object]] = None,
+) -> np.ndarray:
+    """
+    Reads an IDX file (unsigned-byte data only, as MNIST uses) from the binary stream ``f`` (a
+    file, or a :class:`gzip.GzipFile`, which then decompresses no further than the header
+    declares): the header, then exactly the bytes it declares, then one more byte to make sure
+    there is none.
+
+    :param name: the file's name, for error messages.
+    :param expected: ``(max_count, item_dims)``: the dims the header must declare, checked before
+        the data is read (:data:`IDX_SHAPES`); None takes any dims.
+    :param update: called with the content, header then data (a checksum's ``update``).
+    :returns: a ``uint8`` array of the shape the header declares.
+    :raises DataError: on a bad magic number, an unsupported type, unexpected dims, or a file
+        shorter or longer than its header says.
+    """
+    header, dims = _read_header(f, name)
+    if expected is not None:
+        _check_dims(name, dims, expected)
+    size = math.prod(dims)
+    data = f.read(size)
+    if len(data) < size or f.read(1):
+        what = "truncated" if len(data) < size else "has trailing data"
+        found = str(len(data)) if len(data) < size else "more"
+        raise DataError(
+            f"{name}: file {what}: the header declares {dims} = {size} bytes of data, "
+            f"found {found} (download it again)"
+        )
+    if update is not None:
+        update(header)
+        update(data)
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def parse_idx(raw: bytes, *, name: str = "<bytes>") -> np.ndarray:
     """
-    Parses the content of an IDX file (unsigned-byte data only, as MNIST uses).
+    Parses the content of an IDX file (:func:`read_idx` on bytes in memory).
 
     :param raw: the decompressed file content.
     :param name: the file's name, for error messages.
     :returns: a ``uint8`` array of the shape the header declares.
     :raises DataError: on a bad magic number, an unsupported type or a size mismatch.
     """
-    if len(raw) < 4:
-        raise DataError(f"{name}: not an IDX file (only {len(raw)} bytes)")
-    zero, dtype_code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
-    if zero != 0 or dtype_code not in _IDX_DTYPES or not 1 <= ndim <= 4:
-        raise DataError(f"{name}: not an IDX file of unsigned bytes (magic {raw[:4].hex()})")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{name}: truncated IDX header")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    size = int(np.prod(dims))
-    if len(raw) - header != size:
-        what = "truncated" if len(raw) - header < size else "has trailing data"
+    return read_idx(io.BytesIO(raw), name=name)
+
+
+def read_idx_file(
+    path: Path,
+    expected: Optional[tuple[int, tuple[int, ...]]] = None,
+    update: Optional[Callable[[bytes], object]] = None,
+) -> np.ndarray:
+    """
+    :func:`read_idx` of the file ``path`` (raw, or gzip if its name ends in ``.gz``): nothing
+    past the size its header declares is read or decompressed.
+
+    :raises DataError: naming ``path``, also if it cannot be read or decompressed, or if memory
+        runs out.
+    """
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            return read_idx(f, name=str(path), expected=expected, update=update)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"cannot read {path}: {e} (the file is corrupt; download it again)") from e
+    except MemoryError:
         raise DataError(
-            f"{name}: file {what}: the header declares {dims} = {size} bytes of data, "
-            f"found {len(raw) - header} (download it again)"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+            f"out of memory reading {path}; give the process more memory (the file holds "
+            "MNIST's sizes at most)"
+        ) from None
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -149,10 +230,10 @@ def _find(folder: Path, stem: str) -> Path:
     )
 
 
-def _check_md5(path: Path, raw: bytes, md5: str) -> None:
-    if _md5(raw) != md5:
+def _check_md5(path: Path, found: str, md5: str) -> None:
+    if found != md5:
         raise DataError(
-            f"{path} fails its checksum (MD5 {_md5(raw)}, expected {md5}); delete it and run "
+            f"{path} fails its checksum (MD5 {found}, expected {md5}); delete it and run "
             "again to download it anew"
         )
 
@@ -166,9 +247,11 @@ def read_idx_folder(
     :param verify: check the MD5 of each file's (decompressed) content against
         :data:`MNIST_FILES`, raw files included (the download cache is read so).
     :returns: ``{"train_images": (60000, 784) uint8, "train_labels": (60000,) uint8,
-        "test_images": ..., "test_labels": ...}`` (any counts, as the headers declare).
-    :raises DataError: if the folder or a file is missing, malformed or (``verify``) has the
-        wrong checksum.
+        "test_images": ..., "test_labels": ...}`` (the counts the headers declare, at most
+        MNIST's: :data:`IDX_SHAPES`).
+    :raises DataError: if the folder or a file is missing, malformed, declares other dims than
+        :data:`IDX_SHAPES`, is longer than its header says, or (``verify``) has the wrong
+        checksum. Each file is read no further than its header declares.
     """
     folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
@@ -184,16 +267,12 @@ def read_idx_folder(
     out = {}
     for key, (stem, md5) in MNIST_FILES.items():
         path = _find(folder, stem)
-        raw = _read_bytes(path)
+        digest = _md5()
+        array = read_idx_file(path, IDX_SHAPES[key], digest.update if verify else None)
         if verify:
-            _check_md5(path, raw, md5)
-        array = parse_idx(raw, name=str(path))
+            _check_md5(path, digest.hexdigest(), md5)
         if key.endswith("images"):
-            if array.ndim != 3 or array.shape[1:] != (28, 28):
-                raise DataError(f"{path}: expected images of 28x28 pixels, got shape {array.shape}")
             array = array.reshape(len(array), NUM_PIXELS)
-        elif array.ndim != 1:
-            raise DataError(f"{path}: expected a vector of labels, got shape {array.shape}")
         out[key] = array
     for part in ("train", "test"):
         n_img, n_lab = len(out[part + "_images"]), len(out[part + "_labels"])
@@ -216,16 +295,18 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "pyro-arm" / "mnist"
 
 
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+def _md5():
+    """An empty MD5 checksum (a :mod:`hashlib` object)."""
+    return hashlib.md5(usedforsecurity=False)
 
 
-def _cached_ok(path: Path, md5: str) -> bool:
+def _cached_ok(path: Path, md5: str, expected: tuple[int, tuple[int, ...]]) -> bool:
+    digest = _md5()
     try:
-        with gzip.open(path, "rb") as f:
-            return _md5(f.read()) == md5
-    except (OSError, EOFError, zlib.error):
+        read_idx_file(path, expected, digest.update)
+    except DataError:
         return False
+    return digest.hexdigest() == md5
 
 
 def download_mnist(
@@ -249,9 +330,9 @@ def download_mnist(
     :raises DataError: if a file cannot be fetched from any mirror with the right checksum.
     """
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    for stem, md5 in MNIST_FILES.values():
+    for key, (stem, md5) in MNIST_FILES.items():
         target = folder / (stem + ".gz")
-        if target.is_file() and _cached_ok(target, md5):
+        if target.is_file() and _cached_ok(target, md5, IDX_SHAPES[key]):
             continue
         errors = []
         for base in mirrors:
@@ -259,12 +340,16 @@ def download_mnist(
             try:
                 with opener(url, timeout=timeout) as response:
                     payload = response.read()
-                content = gzip.decompress(payload)
+                digest = _md5()
+                with gzip.GzipFile(fileobj=io.BytesIO(payload)) as f:
+                    read_idx(f, name=url, expected=IDX_SHAPES[key], update=digest.update)
             except (OSError, EOFError, zlib.error, urllib.error.URLError, ValueError) as e:
                 errors.append(f"{url}: {e}")
                 continue
-            if _md5(content) != md5:
-                errors.append(f"{url}: checksum mismatch (MD5 {_md5(content)}, expected {md5})")
+            if digest.hexdigest() != md5:
+                errors.append(
+                    f"{url}: checksum mismatch (MD5 {digest.hexdigest()}, expected {md5})"
+                )
                 continue
             atomic_write_bytes(target, payload)
             break

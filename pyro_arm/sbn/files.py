@@ -1,17 +1,93 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-Atomic file writes: a reader (or a resumed run) sees either the old file or the new one, never a
-half-written file, even if the process is killed mid-write.
+File access in a run folder that cannot be turned against its user.
+
+- Atomic writes: a reader (or a resumed run) sees either the old file or the new one, never a
+  half-written file, even if the process is killed mid-write. The temporary file is created
+  exclusively and renamed over the destination, so a link planted under the destination's name
+  is replaced, never followed.
+- :func:`open_regular` opens a file in place (the lock, an appended log, a checkpoint to read)
+  without following a symbolic link and only if it is a regular file, so that a link, a FIFO or
+  a folder planted in the run folder is refused (:class:`UnsafeFile`) instead of being written
+  through, blocking the process or giving an unrelated error.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+class UnsafeFile(ValueError):
+    """An entry of a run folder is a link or not a regular file; the message names it."""
+
+    def __init__(self, path: PathLike, kind: str):
+        super().__init__(
+            f"{path} is {kind}, not a regular file: a run folder holds only the run's own "
+            "files; remove it, or pick another --run-dir"
+        )
+        self.path, self.kind = Path(path), kind
+
+
+def entry_kind(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is, in words (``"a regular file"``, ``"a FIFO"``...)."""
+    kinds = (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+    )
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def check_regular(path: PathLike) -> None:
+    """
+    :raises UnsafeFile: if ``path`` exists and is a symbolic link or not a regular file (it is
+        not followed).
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise UnsafeFile(path, entry_kind(mode))
+
+
+def open_regular(path: PathLike, flags: int, mode: int = 0o644) -> int:
+    """
+    :func:`os.open` of a regular file, never through a symbolic link: ``O_NOFOLLOW`` refuses a
+    link, ``O_NONBLOCK`` keeps a FIFO from blocking the open, and the opened file must be a
+    regular one. Returns the file descriptor.
+
+    :param flags: the ``os.O_*`` flags (``O_NOFOLLOW``, ``O_NONBLOCK`` and ``O_CLOEXEC`` are
+        added).
+    :raises UnsafeFile: if ``path`` is a link or not a regular file.
+    :raises OSError: as :func:`os.open` (``FileNotFoundError`` without ``O_CREAT``).
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):  # a link, a folder, a FIFO
+            check_regular(path)
+        raise
+    try:
+        st_mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st_mode):
+        os.close(fd)
+        raise UnsafeFile(path, entry_kind(st_mode))
+    return fd
 
 
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], object]) -> Path:

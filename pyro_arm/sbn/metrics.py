@@ -10,11 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from pathlib import Path
 from typing import Sequence
 
 from pyro_arm.sbn.config import ConfigError
-from pyro_arm.sbn.files import atomic_write_text
+from pyro_arm.sbn.files import atomic_write_text, open_regular
 
 METRICS_FIELDS = ("step", "epoch", "train_loss", "valid_neg_elbo", "train_wall_s")
 
@@ -43,10 +44,14 @@ def read_metrics(path: Path, *, drop_torn: bool = False) -> list[dict]:
     :param drop_torn: drop a last line without its newline: a row cut off by a killed run
         (always one after the last checkpoint, which is written after its row).
     :raises ConfigError: on a malformed row or header, naming the file and line.
+    :raises UnsafeFile: if ``path`` is a link or not a regular file.
     """
-    if not path.is_file():
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except FileNotFoundError:
         return []
-    text = path.read_text(encoding="utf-8", errors="replace")
+    with open(fd, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace")
     if drop_torn and text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
     reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -77,7 +82,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def append_metrics(path: Path, row: dict) -> None:
-    """Appends one row (with a header if the file is new)."""
-    text = _csv_text([row], header=not path.is_file())
-    with open(path, "a", newline="") as f:
-        f.write(text)
+    """Appends one row (with a header if the file is new); never through a link."""
+    fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    with open(fd, "ab") as f:
+        f.write(_csv_text([row], header=os.fstat(fd).st_size == 0).encode("utf-8"))

@@ -9,7 +9,8 @@ in the memory the process may use (the device's memory; on the CPU also what the
 ``RLIMIT_AS`` and ``RLIMIT_DATA`` leave, as set by ``ulimit -v`` / ``-d`` or a container) is
 refused with a :class:`~pyro_arm.sbn.config.ConfigError` instead of an allocator error (or, on
 Linux, the out-of-memory killer). An allocation that fails later, in a step or an evaluation
-(:func:`is_out_of_memory`), is reported as an :class:`OutOfMemory` naming the size to reduce.
+(:func:`is_out_of_memory`), is reported as an :class:`OutOfMemory` naming the options to reduce
+(:func:`memory_options`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from pyro_arm.sbn.config import ConfigError
+from pyro_arm.estimators import ESTIMATORS
+from pyro_arm.sbn.config import ConfigError, TrainConfig
 from pyro_arm.sbn.models import build_sbn
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "check_fits",
     "device_memory",
     "is_out_of_memory",
+    "memory_options",
     "num_parameters",
     "process_memory_limit",
 ]
@@ -105,6 +108,25 @@ def check_fits(model: str, device: torch.device, memory: int | None = None) -> N
             f"{need / 2**30:.1f} GiB to train, and {where} {memory / 2**30:.1f} GiB; "
             "choose smaller layers"
         )
+
+
+def memory_options(config: TrainConfig) -> str:
+    """
+    The options that set the memory of a training step, with their values, as advice: ``a
+    smaller --batch-size (now 50) or smaller layers (--model linear)``, with ``--num-particles``
+    when above 1 and ``--num-samples`` (and ``--num-members``) where the objective or the
+    estimator draws several samples (``--objective iwae``, ``rloo``, ``arms``).
+    """
+    options = [f"a smaller --batch-size (now {config.batch_size})"]
+    if config.num_particles > 1:
+        options.append(f"fewer --num-particles (now {config.num_particles})")
+    iw = config.objective == "iwae"
+    estimator = ESTIMATORS.get(config.estimator)
+    if iw or (estimator is not None and estimator.multi_sample):
+        options.append(f"fewer --num-samples (now {config.num_samples or 2})")
+    if iw and config.estimator == "arms":
+        options.append(f"fewer --num-members (now {config.num_members or 3})")
+    return ", ".join(options) + f" or smaller layers (--model {config.model})"
 
 
 _ALLOCATOR_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")

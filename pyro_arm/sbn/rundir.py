@@ -12,7 +12,13 @@ on the file :data:`LOCK_FILE` inside it for the life of the run, with the holder
 host written in it. A second run on the folder (fresh or ``--resume``, in another terminal, a
 re-submitted job) is refused with :class:`RunFolderBusy` before it writes anything. The kernel
 releases the lock when its holder dies, even by SIGKILL, so a killed run never blocks its
-``--resume``; the file itself is removed when the run ends.
+``--resume``; the file itself is removed when the run ends. A folder that holds only a stale
+lock file (its holder died) is still a fresh folder.
+
+A run folder cannot be turned against its user: every entry must be a regular file
+(:func:`check_entries`, before and after taking the lock), and the lock, like every file a run
+writes, is opened without following symbolic links (:mod:`~pyro_arm.sbn.files`). A link named
+``.lock`` that points at one of the user's files is refused, never truncated.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pyro_arm.sbn.config import ConfigError
+from pyro_arm.sbn.files import check_regular, open_regular
 
 __all__ = [
     "LOCK_FILE",
     "RUN_FILES",
     "RunFolderBusy",
+    "check_entries",
     "check_location",
     "check_fresh",
     "run_folder",
@@ -66,6 +74,19 @@ def check_location(run_dir: Path) -> None:
             raise ConfigError(f"--run-dir {run_dir} {where} a file, not a folder; pick a folder")
 
 
+def check_entries(run_dir: Path) -> None:
+    """
+    :raises UnsafeFile: naming the first entry of ``run_dir`` (by name) that is a symbolic link
+        or not a regular file (a folder, a FIFO, a socket, a device); none is followed.
+    """
+    try:
+        names = sorted(os.listdir(run_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for name in names:
+        check_regular(run_dir / name)
+
+
 def check_fresh(run_dir: Path) -> None:
     """
     :raises RunFolderBusy: if another run holds ``run_dir``.
@@ -87,7 +108,7 @@ def _holder_if_locked(run_dir: Path) -> str | None:
     """The holder of ``run_dir``'s lock (``""`` if unknown), or None if it is free; creates
     nothing."""
     try:
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDONLY)
+        fd = open_regular(run_dir / LOCK_FILE, os.O_RDONLY)
     except OSError:
         return None
     try:
@@ -116,11 +137,12 @@ def _lock(run_dir: Path) -> int:
     writes this process's id and host in it; returns the file descriptor that holds it.
 
     :raises RunFolderBusy: if another process holds it.
+    :raises UnsafeFile: if :data:`LOCK_FILE` is a link or not a regular file.
     """
     path = run_dir / LOCK_FILE
     while True:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_regular(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -133,7 +155,7 @@ def _lock(run_dir: Path) -> int:
         # the lock counts only if the file is still the one at ``path``: a run that ended
         # removes the file after locking it, and the next one must lock the new file
         try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
+            same = os.path.samestat(os.fstat(fd), os.lstat(path))
         except FileNotFoundError:
             same = False
         if same:
@@ -163,8 +185,9 @@ def run_folder(run_dir: Path, fresh: bool, writer: bool = True) -> Iterator[None
     Holds the lock of ``run_dir`` while the block runs (nothing more if this process holds it
     already).
 
-    For a fresh run (``fresh``) the folder must be missing or empty (:func:`check_fresh`, before
-    and after taking the lock); if the block fails before a ``checkpoint.pt`` exists, the files
+    Every entry of the folder must be a regular file (:func:`check_entries`), and for a fresh run
+    (``fresh``) the folder must be missing or empty (:func:`check_fresh`), before and after taking
+    the lock; if the block fails before a ``checkpoint.pt`` exists, the files
     of :data:`RUN_FILES` are removed. A folder created here and left empty is removed again, so
     that a run that failed before its first checkpoint leaves nothing behind.
 
@@ -172,13 +195,15 @@ def run_folder(run_dir: Path, fresh: bool, writer: bool = True) -> Iterator[None
         (``writer=False``) only check that a fresh folder is empty, and take no lock.
     :raises RunFolderBusy: if another process holds the lock.
     :raises ConfigError: if a fresh run's folder is not empty.
+    :raises UnsafeFile: if an entry of the folder is a link or not a regular file.
     """
     key = run_dir.resolve()
     if key in _held:
         yield
         return
+    check_entries(run_dir)  # before the lock: nothing is opened through a planted link
     if fresh:
-        check_fresh(run_dir)  # before the lock: a folder holding anything gets no lock file
+        check_fresh(run_dir)  # a folder holding anything gets no lock file
     if not writer:
         yield
         return
@@ -186,6 +211,7 @@ def run_folder(run_dir: Path, fresh: bool, writer: bool = True) -> Iterator[None
     fd = _lock(run_dir)
     _held.add(key)
     try:
+        check_entries(run_dir)
         if fresh:
             check_fresh(run_dir)
         yield

@@ -26,7 +26,10 @@ step whose loss or parameters are not finite ends the run (:class:`TrainingDiver
 is saved, as does a failed allocation (:class:`~pyro_arm.sbn.resources.OutOfMemory`); a run
 holds the lock of its folder, so that no other run writes there meanwhile; a fresh run only
 starts in a missing or empty folder, and removes what it wrote if it fails before its first
-checkpoint (:mod:`~pyro_arm.sbn.rundir`).
+checkpoint (:mod:`~pyro_arm.sbn.rundir`). A run folder holds regular files only, none opened
+through a link; every run draws a random run id, written into the ``config`` of ``config.json``
+and of each checkpoint, and a resumed run refuses a checkpoint of another run before it changes
+anything.
 
 All losses are in nats per datapoint; ``train_loss`` is the mean training ``-ELBO`` over the
 steps since the previous row.
@@ -39,6 +42,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
 import signal
 import sys
 import time
@@ -57,11 +62,17 @@ from pyro_arm.sbn.config import ConfigError, TrainConfig
 from pyro_arm.sbn.data import MNISTData, load_mnist
 from pyro_arm.sbn.distributed import Ranks
 from pyro_arm.sbn.elbo import make_elbo
-from pyro_arm.sbn.files import atomic_write_text
+from pyro_arm.sbn.files import atomic_write_text, open_regular
 from pyro_arm.sbn.interrupts import Aborted, Interrupted, StopSignals, signal_name
 from pyro_arm.sbn.metrics import append_metrics, read_metrics, truncate_metrics, write_metrics
 from pyro_arm.sbn.models import SigmoidBeliefNet, build_sbn
-from pyro_arm.sbn.resources import OutOfMemory, allocation_failed, check_fits, is_out_of_memory
+from pyro_arm.sbn.resources import (
+    OutOfMemory,
+    allocation_failed,
+    check_fits,
+    is_out_of_memory,
+    memory_options,
+)
 from pyro_arm.sbn.rundir import check_location, run_folder
 from pyro_arm.sbn.seeding import Stream, forked, generator, seed_global
 
@@ -163,10 +174,15 @@ class _Run:
     x_valid: Tensor
     ranks: Ranks
     step_loss: Callable[[Tensor], float]  # accumulates grads; -ELBO summed over the global batch
+    run_id: Optional[str] = None  # drawn when the run starts (None: a run made before ids)
 
     @property
     def dir(self) -> Path:
         return self.config.resolved_run_dir()
+
+    def saved_config(self) -> dict:
+        """The ``config`` of ``config.json`` and of the checkpoints: the options and the run id."""
+        return {**asdict(self.config), "run_id": self.run_id}
 
     @property
     def metrics_path(self) -> Path:
@@ -178,7 +194,12 @@ def _build(config: TrainConfig) -> _Run:
     device = ranks.device(config.device)
     check_fits(config.model, device)
     ranks.setup(device, config.batch_size)
-    data = load_mnist(config.data, config.binarization)
+    try:
+        data = load_mnist(config.data, config.binarization)
+    except MemoryError:
+        raise OutOfMemory(
+            f"out of memory loading --data {config.data}; give the process more memory"
+        ) from None
     torch.manual_seed(config.seed)  # the initial parameters
     pyro.clear_param_store()
     try:
@@ -234,6 +255,47 @@ def _check_resume(checkpoint: dict, config: TrainConfig) -> None:
         )
 
 
+def _folder_run_id(run_dir: Path) -> Optional[str]:
+    """The run id in ``run_dir``'s ``config.json`` (None if it has none, or no ``config.json``).
+
+    :raises ConfigError: if ``config.json`` cannot be read, or is missing beside a
+        ``metrics.csv`` (whose run then cannot be told).
+    """
+    path = run_dir / "config.json"
+    try:
+        fd = open_regular(path, os.O_RDONLY)
+    except FileNotFoundError:
+        if (run_dir / "metrics.csv").exists():
+            raise ConfigError(
+                f"{run_dir} has a metrics.csv but no config.json, which names the run it belongs "
+                "to; put back the run's config.json, or pick another --run-dir"
+            ) from None
+        return None
+    try:
+        with open(fd, "rb") as f:
+            info = json.loads(f.read().decode("utf-8"))
+        return info["config"].get("run_id")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(
+            f"cannot read the run's identity in {path} ({type(e).__name__}); put back the run's "
+            "config.json, or pick another --run-dir"
+        ) from None
+
+
+def _check_same_run(checkpoint: dict, run_dir: Path) -> None:
+    """
+    :raises ConfigError: if the checkpoint's run id is not that of the folder's ``config.json``
+        (a checkpoint copied in from another run folder), before anything in it is changed.
+    """
+    ours, theirs = _folder_run_id(run_dir), checkpoint["config"].get("run_id")
+    if ours != theirs:
+        raise ConfigError(
+            f"{run_dir / 'checkpoint.pt'} belongs to another run (run id {theirs}; "
+            f"{run_dir / 'config.json'} has {ours}): it was copied from another run folder; put "
+            "back this run's checkpoint, or --resume the other run in its own folder"
+        )
+
+
 def _apply_threads(config: TrainConfig) -> None:
     """``--threads``: :func:`torch.set_num_threads` (torch's default when not given)."""
     if config.threads is not None:
@@ -254,7 +316,7 @@ def _versions() -> dict:
 def _write_info(run: _Run) -> None:
     data = run.data
     info = {
-        "config": asdict(run.config),
+        "config": run.saved_config(),
         "versions": _versions(),
         "device": str(run.device),
         "data": {
@@ -331,7 +393,7 @@ class _Loop:
 
     def save(self) -> None:
         if self.state.step != self.saved_step:
-            ckpt = self.run.ranks.gather_rng(self.state.to_checkpoint(asdict(self.run.config)))
+            ckpt = self.run.ranks.gather_rng(self.state.to_checkpoint(self.run.saved_config()))
             if self.run.ranks.is_main:
                 save_checkpoint(ckpt, self._path)
             self.saved_step = self.state.step
@@ -416,8 +478,7 @@ def _out_of_memory(error: BaseException, run: _Run, where: str, saved_step: int)
     )
     return OutOfMemory(
         f"out of memory {where} ({allocation_failed(error)}); {kept}; start again in a new "
-        f"--run-dir with a smaller --batch-size (now {config.batch_size}) or smaller layers "
-        f"(--model {config.model})"
+        f"--run-dir with {memory_options(config)}"
     )
 
 
@@ -487,15 +548,19 @@ def train(
 
     :param config: the run's configuration.
     :param checkpoint: a checkpoint of this run (:func:`~pyro_arm.sbn.checkpoint.load_checkpoint`)
-        to continue from, up to ``config.steps``. Without one, the run folder must be missing or
-        empty, and is removed again if the run fails before its first checkpoint.
+        to continue from, up to ``config.steps``; its run id (``config["run_id"]``, drawn when
+        the run started) must be that of the folder's ``config.json``. Without one, the run folder
+        must be missing or empty, and is removed again if the run fails before its first
+        checkpoint.
     :param progress: show a tqdm progress bar (on stderr).
     :param log: where the one-line messages go.
     :param callback: ``callback(step, loss)`` after every step (``step`` counts finished steps).
     :returns: the summary dict, also written to ``summary.json``.
     :raises ConfigError: bad options or run folder (also
         :class:`~pyro_arm.sbn.rundir.RunFolderBusy`: another run holds the folder; and
-        :class:`~pyro_arm.sbn.resources.OutOfMemory`: an allocation failed, nothing of it saved).
+        :class:`~pyro_arm.sbn.resources.OutOfMemory`: an allocation failed, nothing of it saved;
+        and a checkpoint of another run).
+    :raises UnsafeFile: an entry of the run folder is a link or not a regular file.
     :raises DataError: bad data.
     :raises TrainingInterrupted: on SIGINT / SIGTERM (``KeyboardInterrupt``), after the current
         step and a checkpoint of it; at once, without saving, on a second signal; at once during
@@ -514,8 +579,13 @@ def train(
         progress, log = False, _silent
     with StopSignals(_STOP_MESSAGE if main else "") as stop:
         with run_folder(run_dir, fresh=checkpoint is None, writer=main):
+            run_id = secrets.token_hex(8)  # a fresh run's identity, in each of its checkpoints
+            if checkpoint is not None:
+                _check_same_run(checkpoint, run_dir)
+                run_id = checkpoint["config"].get("run_id")
             try:
                 run = _build(config)
+                run.run_id = run_id
                 state = _start(run, checkpoint, log)
                 if main:
                     _write_info(run)
