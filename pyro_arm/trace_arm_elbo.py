@@ -115,7 +115,8 @@ class TraceARM_ELBO(ELBO):
         ``"rloo"`` and ``"arms"`` (:mod:`pyro_arm.multisample`); any name registered in
         :data:`pyro_arm.estimators.ESTIMATORS`.
     :param int num_samples: samples inside one estimate of ``"rloo"`` / ``"arms"`` (``>= 2``,
-        default 2); not accepted by the other estimators.
+        default 2, at most :data:`~pyro_arm.estimators.MAX_NUM_SAMPLES`); not accepted by the
+        other estimators.
     :param str model_grad: ``"base"`` gives model parameters the gradient at the base run;
         ``"all"`` (multi-sample estimators with branches: ``"arms"``) its average over every
         row. Default: ``"all"`` where allowed, else ``"base"``.
