@@ -38,7 +38,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from pyro_arm import multisample
+from pyro_arm import categorical, multisample
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -121,6 +121,11 @@ class Estimator(NamedTuple):
         leave-one-out weights; else they draw one.
     :param replicas: each particle is ``n`` independent base runs, with leave-one-out
         baselines among them.
+    :param categorical_grad: the reduction of a Categorical or OneHotCategorical site,
+        ``(f, r, eta) -> a``: the weights of its members' :math:`\\log q(z_k)` from their
+        signals, sorted stick-breaking positions and decision logits
+        (:mod:`pyro_arm.categorical`); its members come from :attr:`uniforms` drawn per
+        decision. ``None``: categorical sites are score-function sites.
     """
 
     name: str
@@ -130,6 +135,7 @@ class Estimator(NamedTuple):
     uniforms: Optional[Callable[..., Tensor]] = None
     draws: bool = False
     replicas: bool = False
+    categorical_grad: Optional[Callable[..., Tensor]] = None
 
     def member_uniforms(self, n: Optional[int], shape: torch.Size, logits: Tensor) -> Tensor:
         """The uniforms of a Bernoulli site's members, ``(m, *shape)``."""
@@ -173,12 +179,20 @@ def register_estimator(estimator: Estimator) -> Estimator:
     return estimator
 
 
-register_estimator(Estimator("arm", True, arm))
-register_estimator(Estimator("disarm", True, disarm))
+register_estimator(Estimator("arm", True, arm, categorical_grad=categorical.coupled))
+register_estimator(Estimator("disarm", True, disarm, categorical_grad=categorical.coupled))
 register_estimator(Estimator("ar", False, ar))
 register_estimator(Estimator("rloo", False, None, multi_sample=True, replicas=True))
 register_estimator(
-    Estimator("arms", True, multisample.arms, True, uniforms=copula_uniforms, draws=True)
+    Estimator(
+        "arms",
+        True,
+        multisample.arms,
+        True,
+        uniforms=copula_uniforms,
+        draws=True,
+        categorical_grad=categorical.coupled,
+    )
 )
 
 
