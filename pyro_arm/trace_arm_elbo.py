@@ -503,7 +503,7 @@ def _read(loss: torch.Tensor, particles: list[Particle]) -> float:
         for name, flag in flags:
             if bool(flag):
                 raise ValueError(
-                    f"At site '{name}': the logits of the Bernoulli distribution hold NaN; "
+                    f"At site '{name}': the logits of its distribution hold NaN; "
                     "the guide computed them from non-finite inputs or parameters"
                 )
     return value

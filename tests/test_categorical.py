@@ -269,3 +269,37 @@ def test_iwelbo_unbiased(case, vectorize, estimator):
         seed=0,
         reference=reference,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's checks and low precision apply to categorical sites as to Bernoulli sites.
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["seq", "vec"])
+def test_nan_logits_name_the_site(vectorize):
+    model, guide, args = categorical_models.amortized()
+    guide(*args)
+    pyro.param("b").data[1] = float("nan")
+    elbo = TraceARM_ELBO(estimator="disarm", vectorize_particles=vectorize, num_particles=2)
+    with pyro.validation_enabled(False), pytest.raises(ValueError, match="site 'c'.*NaN"):
+        elbo.loss_and_grads(model, guide, *args)
+
+
+def test_low_precision_logits():
+    """bfloat16 logits: members drawn in float32, finite gradients of the logits' dtype."""
+
+    def guide():
+        phi = pyro.param("phi", torch.zeros(4, 3, dtype=torch.bfloat16))
+        with pyro.plate("data", 4):
+            pyro.sample("c", dist.OneHotCategorical(logits=phi))
+
+    def model_one_hot():
+        with pyro.plate("data", 4):
+            c = pyro.sample("c", dist.OneHotCategorical(logits=torch.zeros(3)))
+            value = (c.double() * torch.arange(3.0, dtype=torch.float64)).sum(-1)
+            pyro.sample("x", dist.Normal(value, 1.0), obs=torch.ones(4, dtype=torch.float64))
+
+    elbo = TraceARM_ELBO(estimator="disarm", vectorize_particles=True, num_particles=8)
+    elbo.loss_and_grads(model_one_hot, guide)
+    grad = pyro.param("phi").unconstrained().grad
+    assert grad.dtype == torch.bfloat16 and torch.isfinite(grad.float()).all()
