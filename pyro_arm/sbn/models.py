@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, pyro_method
 from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
+from torch.distributions.kl import kl_divergence, register_kl
 
 #: Named architectures: ``name -> (nonlinear, latent sizes)``, 784 pixels.
 ARCHITECTURES: dict[str, tuple[bool, tuple[int, ...]]] = {
@@ -241,13 +242,27 @@ NUM_VARIABLES, NUM_CLASSES = 20, 10
 _RELAXED: list[float] = []
 
 
+class StraightThrough(dist.RelaxedOneHotCategoricalStraightThrough):
+    """Pyro's straight-through relaxed one-hot categorical, whose KL divergence to another is
+    that of the categoricals of their logits (the Gumbel-softmax VAE's objective with
+    ``TraceMeanField_ELBO``: the decoder sees the hard sample, the KL term is exact)."""
+
+
+@register_kl(StraightThrough, StraightThrough)
+def _kl_straight_through(q: StraightThrough, p: StraightThrough) -> Tensor:
+    return kl_divergence(
+        dist.Categorical(logits=q.base_dist.logits), dist.Categorical(logits=p.base_dist.logits)
+    )
+
+
 @contextmanager
 def relaxed(temperature: float):
     """
     Inside, :class:`CategoricalVAE` samples its latents from Pyro's
     :class:`~pyro.distributions.RelaxedOneHotCategoricalStraightThrough` at ``temperature``
-    (a uniform-logits relaxed prior in the model) while gradients are enabled: the Gumbel
-    straight-through yardstick, biased. Evaluation (without gradients) stays discrete.
+    (:class:`StraightThrough`; a uniform-logits one in the model) while gradients are
+    enabled: the Gumbel straight-through yardstick, biased. Evaluation (without gradients)
+    stays discrete.
     """
     _RELAXED.append(float(temperature))
     try:
@@ -303,9 +318,7 @@ class CategoricalVAE(PyroModule):
         if _RELAXED and torch.is_grad_enabled():
             temperature = torch.tensor(_RELAXED[-1], device=logits.device)
             # float32 soft samples miss the simplex check's tolerance now and then
-            return dist.RelaxedOneHotCategoricalStraightThrough(
-                temperature, logits=logits, validate_args=False
-            )
+            return StraightThrough(temperature, logits=logits, validate_args=False)
         return dist.OneHotCategorical(logits=logits)
 
     @pyro_method
