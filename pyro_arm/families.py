@@ -119,6 +119,10 @@ class CategoricalFamily(SiteFamily):
         inner = _innermost(fn)
         return inner._categorical if self.one_hot else inner
 
+    def recognises(self, fn: Distribution) -> bool:
+        inner = _innermost(fn)  # a straight-through one-hot has its own (pathwise) gradient
+        return isinstance(inner, self.types) and not inner.has_rsample
+
     def reduction(self, estimator: Estimator) -> Optional[Callable]:
         return estimator.categorical_grad
 
