@@ -15,8 +15,11 @@ An estimator of :class:`~pyro_arm.TraceARM_ELBO` is fully described by one :clas
   ``t`` takes member ``k``, and later sites are resampled, Bernoulli sites from their base
   uniforms (common random numbers): :class:`~pyro_arm.sampler.BranchMessenger`.
 - **reduction**: a Bernoulli site's ``m`` plate-local signals give the logits gradient
-  (:meth:`Estimator.site_grad`); another score-function site's ``m_s`` signals weight its
-  scores (leave-one-out); the loss averages the base runs, or with ``multi_sample`` every row.
+  (:meth:`Estimator.site_grad`); a categorical site's weight its members' :math:`\\log q`
+  (:attr:`Estimator.categorical_grad`, the coupled pair and CARMS of
+  :mod:`pyro_arm.categorical`; each site family draws and reduces by
+  :mod:`pyro_arm.families`); another score-function site's ``m_s`` signals weight its scores
+  (leave-one-out); the loss averages the base runs, or with ``multi_sample`` every row.
 
 The logits-gradient functions are pure tensor functions, checked alone against exact
 gradients. For :math:`z \\sim \\mathrm{Bernoulli}(\\sigma(\\phi))`, one uniform :math:`u` and the
