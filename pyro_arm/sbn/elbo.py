@@ -42,9 +42,9 @@ class GumbelELBO(TraceMeanField_ELBO):
 #: Pyro's own ELBOs, selectable by name beside the ARM family (``gumbel``: the categorical
 #: model only).
 PYRO_BASELINES: dict[str, type] = {
+    "gumbel": GumbelELBO,
     "trace": Trace_ELBO,
     "tracegraph": TraceGraph_ELBO,
-    "gumbel": GumbelELBO,
 }
 
 #: The objectives: the ELBO, or the importance-weighted bound.
