@@ -15,6 +15,8 @@ name                     structure
                          200-200-200-784)
 ``linear-D1-..-DL``      any depth of linear stochastic layers of the given sizes
 ``nonlinear-D1-..-DL``   any depth, each map with two LeakyReLU layers of 200 units
+``categorical``          not an SBN: :class:`CategoricalVAE`, 20 categorical latents of 10
+                         classes, 784-200-(20x10), one LeakyReLU layer of 200 units per map
 ======================== ======================================================================
 
 Generative model: ``zL ~ Bernoulli(sigmoid(prior_logits))`` (learnable), then
