@@ -15,8 +15,11 @@ An estimator of :class:`~pyro_arm.TraceARM_ELBO` is fully described by one :clas
   ``t`` takes member ``k``, and later sites are resampled, Bernoulli sites from their base
   uniforms (common random numbers): :class:`~pyro_arm.sampler.BranchMessenger`.
 - **reduction**: a Bernoulli site's ``m`` plate-local signals give the logits gradient
-  (:meth:`Estimator.site_grad`); another score-function site's ``m_s`` signals weight its
-  scores (leave-one-out); the loss averages the base runs, or with ``multi_sample`` every row.
+  (:meth:`Estimator.site_grad`); a categorical site's weight its members' :math:`\\log q`
+  (:attr:`Estimator.categorical_grad`, the coupled pair and CARMS of
+  :mod:`pyro_arm.categorical`; each site family draws and reduces by
+  :mod:`pyro_arm.families`); another score-function site's ``m_s`` signals weight its scores
+  (leave-one-out); the loss averages the base runs, or with ``multi_sample`` every row.
 
 The logits-gradient functions are pure tensor functions, checked alone against exact
 gradients. For :math:`z \\sim \\mathrm{Bernoulli}(\\sigma(\\phi))`, one uniform :math:`u` and the
@@ -38,7 +41,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from pyro_arm import multisample
+from pyro_arm import categorical, multisample
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -121,6 +124,11 @@ class Estimator(NamedTuple):
         leave-one-out weights; else they draw one.
     :param replicas: each particle is ``n`` independent base runs, with leave-one-out
         baselines among them.
+    :param categorical_grad: the reduction of a Categorical or OneHotCategorical site,
+        ``(f, r, eta) -> a``: the weights of its members' :math:`\\log q(z_k)` from their
+        signals, sorted stick-breaking positions and decision logits
+        (:mod:`pyro_arm.categorical`); its members come from :attr:`uniforms` drawn per
+        decision. ``None``: categorical sites are score-function sites.
     """
 
     name: str
@@ -130,6 +138,7 @@ class Estimator(NamedTuple):
     uniforms: Optional[Callable[..., Tensor]] = None
     draws: bool = False
     replicas: bool = False
+    categorical_grad: Optional[Callable[..., Tensor]] = None
 
     def member_uniforms(self, n: Optional[int], shape: torch.Size, logits: Tensor) -> Tensor:
         """The uniforms of a Bernoulli site's members, ``(m, *shape)``."""
@@ -173,12 +182,20 @@ def register_estimator(estimator: Estimator) -> Estimator:
     return estimator
 
 
-register_estimator(Estimator("arm", True, arm))
-register_estimator(Estimator("disarm", True, disarm))
+register_estimator(Estimator("arm", True, arm, categorical_grad=categorical.coupled))
+register_estimator(Estimator("disarm", True, disarm, categorical_grad=categorical.coupled))
 register_estimator(Estimator("ar", False, ar))
 register_estimator(Estimator("rloo", False, None, multi_sample=True, replicas=True))
 register_estimator(
-    Estimator("arms", True, multisample.arms, True, uniforms=copula_uniforms, draws=True)
+    Estimator(
+        "arms",
+        True,
+        multisample.arms,
+        True,
+        uniforms=copula_uniforms,
+        draws=True,
+        categorical_grad=categorical.coupled,
+    )
 )
 
 

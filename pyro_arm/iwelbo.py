@@ -10,6 +10,7 @@ from pyro.infer.util import MultiFrameTensor, is_validation_enabled
 from pyro.util import warn_if_nan
 
 from pyro_arm import estimators
+from pyro_arm.categorical import coupled
 from pyro_arm.estimators import Estimator, copula_uniforms, disarm
 from pyro_arm.multisample import arms
 from pyro_arm.particle import Particle
@@ -29,8 +30,10 @@ def _iw_estimators(num_members: int) -> dict[str, Estimator]:
 
     return {
         "vimco": Estimator("vimco", False, None, replicas=True),
-        "disarm": Estimator("disarm", True, disarm, replicas=True),
-        "arms": Estimator("arms", True, arms, True, uniforms=members, replicas=True),
+        "disarm": Estimator("disarm", True, disarm, replicas=True, categorical_grad=coupled),
+        "arms": Estimator(
+            "arms", True, arms, True, uniforms=members, replicas=True, categorical_grad=coupled
+        ),
     }
 
 
@@ -259,12 +262,11 @@ class _Bound:
                     s = particle.samples[name]
                     if name not in members:
                         members[name] = self.members(name, s.z.size(0))
-                    f = [self.site_signal(m, index, s.event_dim) for m in members[name]]
-                    dims = s.z.dim() - 1
+                    dims, event_dim = s.family.layout(s)
+                    f = [self.site_signal(m, index, event_dim) for m in members[name]]
                     f = torch.stack([m.reshape((1,) * (dims - m.dim()) + m.shape) for m in f])
                     particle.signals.append((f"signal of site '{name}'", f))
-                    grad = self.elbo.estimator.site_grad(f, s.v, s.z, s.estimator_logits)
-                    surrogate = surrogate + (grad.detach() * s.logits).sum()
+                    surrogate = surrogate + s.family.surrogate(self.elbo.estimator, f, s)
                 elif not is_identically_zero(site["score_parts"].score_function):
                     vimco = self.vimco() if vimco is None else vimco
                     signal = self.site_signal(vimco * self.scale, index, 0)

@@ -199,6 +199,18 @@ def arms_lower_tail(u: Tensor, logits: Tensor) -> Tensor:
     return torch.where(logits < 0, u, 1 - u.flip(0))
 
 
+def copula_cdf(t: Tensor, n: int) -> Tensor:
+    r"""
+    The bivariate CDF of two of the ``n`` copula uniforms of :func:`arms_uniforms`,
+    :math:`B_n(t) = P(u_j < t, u_k < t) = (2 t^{1/(n-1)} - 1)_+^{n-1}` (``n = 2``:
+    :math:`(2t - 1)_+`, the pair ``(u, 1 - u)``).
+    """
+    _check_num_samples(n)
+    if n == 2:
+        return (2 * t - 1).clamp(min=0)
+    return (2 * t ** (1 / (n - 1)) - 1).clamp(min=0) ** (n - 1)
+
+
 def arms_debias(logits: Tensor, n: int) -> Tensor:
     r"""
     The ARMS debiasing factor :math:`c = p(1-p) / (p - J) = \sigma(|\phi|) / (1 - r)`, with

@@ -307,11 +307,10 @@ class Particle:
         for name, site in self.guide_trace.nodes.items():
             if site["type"] != "sample":
                 continue
-            if name in self.samples:
+            if name in self.samples:  # the site family's reduction of its members' signals
                 s = self.samples[name]
-                f = self.stacked_signals(name, s.z.dim() - 1, s.event_dim)
-                grad = estimator.site_grad(f, s.v, s.z, s.estimator_logits)
-                surrogate = surrogate + (grad.detach() * s.logits).sum()
+                f = self.stacked_signals(name, *s.family.layout(s))
+                surrogate = surrogate + s.family.surrogate(estimator, f, s)
                 continue
             if site["is_observed"]:  # a factor: its log-density, pathwise
                 surrogate = surrogate - site["log_prob_sum"]

@@ -2,13 +2,13 @@
 """
 The effect handlers that draw a particle's rows: its base run and its branches.
 
-- :class:`SampleMessenger` runs the guide as usual, except that each Bernoulli site draws
-  the uniforms of its members (:meth:`~pyro_arm.estimators.Estimator.member_uniforms`) and
-  takes member 0, keeping a :class:`SiteSample`;
+- :class:`SampleMessenger` runs the guide as usual, except that each site of a family
+  (:mod:`pyro_arm.families`: Bernoulli, Categorical) draws its members by the family's draw
+  rule and takes member 0, keeping a :class:`~pyro_arm.families.SiteSample`;
 - :class:`BranchMessenger` replays that base run as one or more branches ``(t, k)`` under
   the one draw rule (:func:`branch_rule`): before site ``t`` the base value, at ``t`` member
-  ``k`` (a Bernoulli member, or a fresh draw of another score-function site), after ``t`` a
-  Bernoulli site from its base uniforms (common random numbers) and any other site afresh.
+  ``k`` (a member, or a fresh draw of another score-function site), after ``t`` a site of a family
+  from its base uniforms (common random numbers) and any other site afresh.
   One branch runs unbatched; several run as one batched pass along a plate over branches.
 
 Each handler must wrap the guide outside every plate, so that the plates have broadcast a
@@ -17,43 +17,26 @@ site's distribution before the handler reads its shape.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from pyro.poutine.messenger import Messenger
 
 from pyro_arm.estimators import Estimator
+from pyro_arm.families import SiteSample, site_family
 from pyro_arm.reads import unguarded
-from pyro_arm.sites import bernoulli_logits, estimator_logits, is_arm_site, is_subsample_site
+from pyro_arm.sites import is_subsample_site
 
-
-class SiteSample(NamedTuple):
-    """
-    The members of one Bernoulli site.
-
-    :param v: their uniforms ``(m, *shape)``, in the working dtype (at least float32).
-    :param z: their values ``(m, *shape)``, ``z[k] = 1[v[k] < sigmoid(logits)]``, in the
-        site's dtype; ``z[0]`` is the base run's value.
-    :param logits: the logits the gradient is taken for (with their graph, in their own dtype).
-    :param estimator_logits: the logits as the estimators see them: detached, in the working
-        dtype (see :func:`~pyro_arm.sites.estimator_logits`).
-    :param event_dim: the site's event dims.
-    """
-
-    v: torch.Tensor
-    z: torch.Tensor
-    logits: torch.Tensor
-    estimator_logits: torch.Tensor
-    event_dim: int
+__all__ = ["BranchMessenger", "SampleMessenger", "SiteSample", "branch_rule"]
 
 
 class SampleMessenger(Messenger):
     """
-    Draws each Bernoulli site's members and records the run.
+    Draws the members of each site of a family and records the run.
 
     After the run, :attr:`order` lists the sampled (non-observed) sites in execution order,
     :attr:`values` maps every sampled site, subsample sites included, to its value,
-    :attr:`samples` maps each Bernoulli site of the estimator to its :class:`SiteSample`, and
+    :attr:`samples` maps each site the estimator reduces to its :class:`SiteSample`, and
     :attr:`nan_logits` holds, per such site, whether its logits hold a NaN (unread tensors).
 
     :param estimator: draws the members; with no ``logits_grad``, Pyro samples every site.
@@ -87,21 +70,25 @@ class SampleMessenger(Messenger):
         if msg["value"] is None and msg["name"] in self.subsamples and is_subsample_site(msg):
             msg["value"] = self.subsamples[msg["name"]]
             return
-        if msg["value"] is not None or not is_arm_site(msg):
+        if msg["value"] is not None:
             return
+        family = site_family(msg)
+        if family is None:
+            return
+        reduce = family.reduction(self.estimator) is not None
         fn = msg["fn"]
-        weights_logits = estimator_logits(fn)  # before fn.logits: it tells probs= sites apart
-        self.nan_logits[msg["name"]] = torch.isnan(weights_logits).any()
-        logits = bernoulli_logits(fn)
-        if self.estimator.logits_grad is None:  # a score-function site, sampled as Pyro would
-            u = torch.rand(fn.shape(), dtype=weights_logits.dtype, device=weights_logits.device)
-            msg["value"] = (u < torch.sigmoid(weights_logits)).to(logits.dtype)
+        # before fn.logits: it tells probs= sites apart
+        weights_logits = family.estimator_logits(fn)
+        if not reduce:  # a score-function site, sampled as Pyro would
+            value = family.plain(fn, weights_logits)
+            if value is not None:
+                self.nan_logits[msg["name"]] = torch.isnan(weights_logits).any()
+                msg["value"] = value
             return
-        v = self.estimator.member_uniforms(self.num_samples, fn.shape(), weights_logits)
-        z = (v < torch.sigmoid(weights_logits)).to(logits.dtype)
-        name = msg["name"]
-        self.samples[name] = SiteSample(v, z, logits, weights_logits, fn.event_dim)
-        msg["value"] = z[0]
+        self.nan_logits[msg["name"]] = torch.isnan(weights_logits).any()
+        sample = family.members(self.estimator, self.num_samples, fn, weights_logits)
+        self.samples[msg["name"]] = sample
+        msg["value"] = sample.z[0]
 
     def _pyro_post_sample(self, msg) -> None:
         if msg["is_observed"]:
@@ -142,7 +129,7 @@ class BranchMessenger(Messenger):
 
     After the run, :attr:`seen` lists the base run's sites met, :attr:`fresh` the latent sites
     the base run lacked (sampled afresh by Pyro; an error when batched), and :attr:`drawn` maps
-    each flipped site that is not a Bernoulli site of the base run to its fresh draw.
+    each flipped site without members in the base run to its fresh draw.
     """
 
     def __init__(
@@ -220,9 +207,9 @@ class BranchMessenger(Messenger):
         fn = msg["fn"]
         if msg["name"] in self.drawn:  # one fresh draw serves every branch
             return self.drawn[msg["name"]]
-        if sample is not None and bernoulli_logits(fn) is not None:
-            v = sample.v[0]
-            if torch.broadcast_shapes(v.shape, fn.shape()) == fn.shape():
-                with unguarded():
-                    return (v < torch.sigmoid(estimator_logits(fn))).to(sample.z.dtype)
+        if sample is not None:
+            with unguarded():
+                value = sample.family.redraw(sample, fn)
+            if value is not None:
+                return value
         return fn(*msg["args"], **msg["kwargs"])

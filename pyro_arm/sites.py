@@ -1,12 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-Finding the guide sample sites that :class:`~pyro_arm.TraceARM_ELBO` treats with ARM.
-
-A site qualifies when it is sampled (not observed) and its distribution, once every wrapper a
-Pyro user writes is peeled off (``.expand``, ``.to_event``, ``.mask``), is a Bernoulli, whether
-it was built with ``logits=`` or ``probs=``. ``poutine.scale`` and ``poutine.mask`` act on the
-site's ``scale`` and ``mask`` fields and leave the distribution alone. A site opts out with
-``infer={"arm": False}``.
+Reading guide sample sites: the distribution under every wrapper a Pyro user writes
+(``.expand``, ``.to_event``, ``.mask``), a Bernoulli's logits whether it was built with
+``logits=`` or ``probs=``, and plate subsample sites. ``poutine.scale`` and ``poutine.mask`` act
+on the site's ``scale`` and ``mask`` fields and leave the distribution alone. Which sites take
+part in an estimator is the business of :mod:`pyro_arm.families`.
 """
 
 from __future__ import annotations
@@ -66,27 +64,3 @@ def estimator_logits(fn: Distribution) -> torch.Tensor:
 def is_subsample_site(msg: dict) -> bool:
     """Whether a sample message is the subsample draw of a :class:`pyro.plate`."""
     return site_is_subsample(msg)
-
-
-def is_arm_site(msg: dict) -> bool:
-    """
-    Whether a guide sample message gets the ARM estimator.
-
-    :raises ValueError: if ``infer["arm"]`` is not a bool, or asks for ARM at a site whose
-        distribution is not a Bernoulli.
-    """
-    if msg["type"] != "sample" or msg["is_observed"] or is_subsample_site(msg):
-        return False
-    infer = msg.get("infer") or {}
-    opt_in = infer.get("arm", None)
-    if opt_in is not None and not isinstance(opt_in, bool):
-        raise ValueError(
-            f"At site '{msg['name']}': infer['arm'] must be True or False, got {opt_in!r}"
-        )
-    bernoulli = is_bernoulli(msg["fn"])
-    if opt_in and not bernoulli:
-        raise ValueError(
-            f"At site '{msg['name']}': infer={{'arm': True}} asks for ARM, but the site's "
-            f"distribution is {type(msg['fn']).__name__}; ARM applies to Bernoulli sites only"
-        )
-    return bernoulli and opt_in is not False

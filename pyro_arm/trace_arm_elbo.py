@@ -51,6 +51,11 @@ class TraceARM_ELBO(ELBO):
     upstream reparameterized samples); the explicit gradient of :math:`\log q(z)`, which has
     mean zero, is dropped at these sites.
 
+    **Categorical sites.** ``Categorical`` and ``OneHotCategorical`` guide sites get the coupled
+    stick-breaking pair with ``"arm"`` and ``"disarm"`` and CARMS with ``"arms"``
+    (:mod:`pyro_arm.categorical`), as a site family of the same engine
+    (:mod:`pyro_arm.families`); with ``"rloo"`` and ``"ar"`` they are score-function sites.
+
     **Several sites.** The signal of ARM site :math:`t` compares the base run with a branch that
     holds every site sampled before :math:`t` at its base value, sets :math:`t` to :math:`z_1`,
     and resamples the sites after :math:`t`, later Bernoulli sites from their base uniforms
@@ -440,7 +445,7 @@ def _read(loss: torch.Tensor, particles: list[Particle]) -> float:
         for name, flag in flags:
             if bool(flag):
                 raise ValueError(
-                    f"At site '{name}': the logits of the Bernoulli distribution hold NaN; "
+                    f"At site '{name}': the logits of its distribution hold NaN; "
                     "the guide computed them from non-finite inputs or parameters"
                 )
     return value

@@ -6,10 +6,10 @@ Exact references for tiny models, and a statistical checker of unbiasedness.
 ``poutine.condition`` with the values chosen so far and stops at the first latent site that is
 not chosen yet, then branches over every joint value of that site:
 
-- discrete sites (Bernoulli, Categorical, wrapped in ``.expand``, ``.mask``, ``.to_event``): every
-  joint value of all the site's components (``itertools.product`` over the flattened elements),
-  weighted by the UNSCALED, UNMASKED guide probability (masks and scales do not change the
-  sampling distribution);
+- discrete sites (Bernoulli, Categorical, OneHotCategorical, wrapped in ``.expand``, ``.mask``,
+  ``.to_event``): every joint value of all the site's components (one-hot: of its class
+  indices; ``itertools.product`` over the flattened elements), weighted by the UNSCALED,
+  UNMASKED guide probability (masks and scales do not change the sampling distribution);
 - reparameterized one-dimensional Normal sites: Gauss-Hermite nodes, ``value = loc + scale *
   node`` so that the pathwise gradient flows through autograd;
 - subsample sites of plates with a ``subsample_size``: every subset, with equal weight.
@@ -73,30 +73,33 @@ def _element_support(fn) -> list:
     leaf = _leaf_distribution(fn)
     if isinstance(leaf, dist.Bernoulli):
         return [0.0, 1.0]
-    if isinstance(leaf, dist.Categorical):
+    if isinstance(leaf, (dist.Categorical, dist.OneHotCategorical)):
         return list(range(leaf.logits.shape[-1]))
     raise NotImplementedError(f"exact enumeration does not support {type(leaf).__name__}")
 
 
 def _value_dtype(fn):
     leaf = _leaf_distribution(fn)
-    if isinstance(leaf, dist.Categorical):
+    if isinstance(leaf, (dist.Categorical, dist.OneHotCategorical)):
         return torch.long
     return leaf.logits.dtype if hasattr(leaf, "logits") else torch.get_default_dtype()
 
 
 def _discrete_options(msg) -> list:
     fn = msg["fn"]
-    shape = fn.shape()
+    leaf = _leaf_distribution(fn)
+    one_hot = isinstance(leaf, dist.OneHotCategorical)
+    shape = fn.shape()[:-1] if one_hot else fn.shape()  # one-hot: the class index per variable
     numel = int(np.prod(shape)) if len(shape) else 1
     support = _element_support(fn)
     if len(support) ** numel > 4096:
         raise NotImplementedError(f"site {msg['name']!r} has too many joint values")
-    leaf = _leaf_distribution(fn)
     device = leaf.logits.device
     options = []
     for combo in itertools.product(support, repeat=numel):
         value = torch.tensor(combo, dtype=_value_dtype(fn), device=device).reshape(shape)
+        if one_hot:
+            value = torch.nn.functional.one_hot(value, len(support)).to(leaf.logits.dtype)
         log_w = _unmasked_log_prob(fn, value).sum()
         options.append((value, log_w))
     return options

@@ -233,3 +233,13 @@ def test_multi_sample_contenders_and_evaluations():
     assert (elbo.estimator.name, elbo.num_samples, elbo.model_grad) == ("arms", 4, "all")
     assert common.pyro_loss("arms4_vec").model_grad == "base"
     assert common.model_evaluations("arms4all_vec", 1) == 5
+
+
+@pytest.mark.slow
+def test_categorical_smoke(tmp_path):
+    _, record = run_script(
+        "categorical", "--draws", "2", "--rounds", "2", "--threads", "1",
+        "--contenders", "disarm", "arms4", tmp_path=tmp_path,
+    )  # fmt: skip
+    assert set(record["variance"]) == {"disarm", "arms4"}
+    assert record["step_ratio_disarm_rloo2"] > 0

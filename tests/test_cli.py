@@ -282,3 +282,31 @@ def test_interrupt_during_validation_falls_back_to_the_last_checkpoint(
     ]
     pa, pb = params(straight), params(cut)
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        ["--estimator", "disarm"],
+        pytest.param(["--estimator", "arms", "--num-samples", "3"], marks=pytest.mark.slow),
+        pytest.param(["--estimator", "rloo", "--num-samples", "2"], marks=pytest.mark.slow),
+        pytest.param(["--estimator", "tracegraph", "--num-particles", "2"], marks=pytest.mark.slow),
+        pytest.param(["--estimator", "gumbel", "--num-particles", "2"], marks=pytest.mark.slow),
+    ],
+    ids=lambda args: args[1],
+)
+def test_categorical_model(tmp_path, capsys, estimator):
+    """The categorical VAE trains a few steps with each of its estimators, vectorized."""
+    run = tmp_path / "r"
+    status, _, err = run_main(
+        capsys, "--model", "categorical", *estimator, "--steps", "3", "--vectorize",
+        "--run-dir", str(run), *FAST,
+    )  # fmt: skip
+    assert status == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] == "categorical" and torch.isfinite(torch.tensor(summary["test_elbo"]))
+
+
+def test_gumbel_needs_the_categorical_model(tmp_path, capsys):
+    status, _, err = run_main(capsys, "--estimator", "gumbel", "--run-dir", str(tmp_path), *FAST)
+    assert status == 2 and "gumbel: only with --model categorical" in err

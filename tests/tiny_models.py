@@ -551,7 +551,7 @@ def _baseline_options(kind: str, data: torch.Tensor, net: torch.nn.Module) -> di
 def categorical_in_plate(baseline: str = "none"):
     """
     A Categorical guide site per datapoint, then a Bernoulli site that reads it: the Categorical
-    is a score-function site, with the baseline of kind ``baseline`` (see
+    is a score-function site (``infer={"arm": False}``), with the baseline of kind ``baseline`` (see
     :data:`BASELINE_KINDS`; an ``nn_baseline`` is registered with :func:`pyro.module`).
     """
     data = t(1.0, 0.0)
@@ -567,7 +567,7 @@ def categorical_in_plate(baseline: str = "none"):
         cl = pyro.param("cl", t([0.4, -0.2, 0.1], [-0.3, 0.6, 0.0]))
         zl = pyro.param("zl", t(0.5, -0.5, 0.2))
         options = _baseline_options(baseline, data, net)
-        infer = {"baseline": options} if options else {}
+        infer = {"arm": False, "baseline": options} if options else {"arm": False}
         with pyro.plate("data", 2):
             c = pyro.sample("c", dist.Categorical(logits=cl), infer=infer)
             pyro.sample("z", dist.Bernoulli(logits=zl[c]))
@@ -588,8 +588,9 @@ ISSUE_7_CASES = {
 
 def categorical_beside_noisy_site():
     """
-    A Categorical site beside an independent Bernoulli site whose cost terms are large and
-    noisy: a Rao-Blackwellized signal of the Categorical leaves them out.
+    A Categorical site (a score-function site, ``infer={"arm": False}``) beside an independent
+    Bernoulli site whose cost terms are large and noisy: a Rao-Blackwellized signal of the
+    Categorical leaves them out.
     """
     data = t(0.5, 9.0)
 
@@ -602,7 +603,7 @@ def categorical_beside_noisy_site():
     def guide(data):
         cl = pyro.param("cl", t(0.3, -0.2, 0.1))
         bl = pyro.param("bl", t(0.0))
-        pyro.sample("c", dist.Categorical(logits=cl))
+        pyro.sample("c", dist.Categorical(logits=cl), infer={"arm": False})
         pyro.sample("b", dist.Bernoulli(logits=bl))
 
     return model, guide, (data,)
@@ -610,7 +611,8 @@ def categorical_beside_noisy_site():
 
 def categorical_switch():
     """
-    A Categorical guide site whose value only steers Python control flow: site ``e`` exists
+    A Categorical guide site (a score-function site, ``infer={"arm": False}``) whose value only
+    steers Python control flow: site ``e`` exists
     only when ``c == 0`` (sequential only), so provenance alone cannot see that ``e``'s terms
     depend on ``c``.
     """
@@ -627,7 +629,7 @@ def categorical_switch():
     def guide(data):
         cl = pyro.param("cl", t(0.4, -0.3))
         el = pyro.param("el", t(-0.5))
-        c = pyro.sample("c", dist.Categorical(logits=cl))
+        c = pyro.sample("c", dist.Categorical(logits=cl), infer={"arm": False})
         if c.item() == 0:
             pyro.sample("e", dist.Bernoulli(logits=el))
 

@@ -23,7 +23,7 @@ from pyro_arm.estimators import ESTIMATORS, check_num_samples
 from pyro_arm.iwelbo import check_iw_num_samples
 from pyro_arm.sbn.data import BINARIZATIONS
 from pyro_arm.sbn.elbo import IW_ESTIMATORS, OBJECTIVES, PYRO_BASELINES, estimator_choices
-from pyro_arm.sbn.models import ARCHITECTURES, parse_architecture
+from pyro_arm.sbn.models import ARCHITECTURES, CATEGORICAL_MODEL, parse_architecture
 from pyro_arm.trace_arm_elbo import MODEL_GRADS
 
 #: Config fields that fix the training trajectory; a resumed run may not change them.
@@ -73,6 +73,8 @@ def _seed(name: str, value: Any) -> None:
 
 
 def _architecture(name: str, value: Any) -> None:
+    if value == CATEGORICAL_MODEL:
+        return
     try:
         parse_architecture(value)
     except ValueError as e:
@@ -140,7 +142,8 @@ class TrainConfig:
 
     model: str = option(
         "linear",
-        f"architecture: {', '.join(ARCHITECTURES)} or linear-D1-D2-... / nonlinear-D1-...",
+        f"architecture: {', '.join(ARCHITECTURES)} or linear-D1-D2-... / nonlinear-D1-..., "
+        f"or {CATEGORICAL_MODEL} (a VAE with 20 categorical latents of 10 classes)",
         check=_architecture,
         metavar="NAME",
     )
@@ -152,7 +155,8 @@ class TrainConfig:
     estimator: str = option(
         "disarm",
         "with elbo: an estimator of pyro_arm.estimators.ESTIMATORS (TraceARM_ELBO), or trace "
-        "(Trace_ELBO) or tracegraph (TraceGraph_ELBO); with iwae: vimco, disarm or arms",
+        "(Trace_ELBO) or tracegraph (TraceGraph_ELBO), or with --model categorical gumbel "
+        "(Gumbel straight-through, biased); with iwae: vimco, disarm or arms",
         choices=estimator_choices,
     )
     steps: int = option(
@@ -261,6 +265,8 @@ class TrainConfig:
             raise ConfigError(f"{flag('num_members')}: only with --objective iwae")
         if self.estimator not in ESTIMATORS and self.estimator not in PYRO_BASELINES:
             raise ConfigError(f"{flag('estimator')} {self.estimator}: only with --objective iwae")
+        if self.estimator == "gumbel" and self.model != CATEGORICAL_MODEL:
+            raise ConfigError(f"{flag('estimator')} gumbel: only with --model {CATEGORICAL_MODEL}")
         if self.estimator in ESTIMATORS:
             try:
                 check_num_samples(ESTIMATORS[self.estimator], self.num_samples)

@@ -15,6 +15,8 @@ name                     structure
                          200-200-200-784)
 ``linear-D1-..-DL``      any depth of linear stochastic layers of the given sizes
 ``nonlinear-D1-..-DL``   any depth, each map with two LeakyReLU layers of 200 units
+``categorical``          not an SBN: :class:`CategoricalVAE`, 20 categorical latents of 10
+                         classes, 784-200-(20x10), one LeakyReLU layer of 200 units per map
 ======================== ======================================================================
 
 Generative model: ``zL ~ Bernoulli(sigmoid(prior_logits))`` (learnable), then
@@ -31,6 +33,7 @@ is always ``(B, 784)``.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import pyro
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, pyro_method
 from pyro.nn.module import to_pyro_module_
 from torch import Tensor, nn
+from torch.distributions.kl import kl_divergence, register_kl
 
 #: Named architectures: ``name -> (nonlinear, latent sizes)``, 784 pixels.
 ARCHITECTURES: dict[str, tuple[bool, tuple[int, ...]]] = {
@@ -214,16 +218,136 @@ class SigmoidBeliefNet(PyroModule):
         return torch.sigmoid(self.decode(0, z))
 
 
-def build_sbn(name: str, x_mean: Optional[Tensor] = None, **kwargs) -> SigmoidBeliefNet:
+def build_sbn(name: str, x_mean: Optional[Tensor] = None, **kwargs) -> PyroModule:
     """
     Builds a :class:`SigmoidBeliefNet` for 784-pixel MNIST by architecture name.
 
     :param name: ``"linear"``, ``"two_layer"``, ``"nonlinear"``, or ``"linear-200-200-200"`` /
-        ``"nonlinear-200-200"`` style names (sizes of the stochastic layers, bottom to top).
+        ``"nonlinear-200-200"`` style names (sizes of the stochastic layers, bottom to top), or
+        ``"categorical"`` (:class:`CategoricalVAE`).
     :param x_mean: training pixel means for the decoder's output bias.
     :param kwargs: passed on to :class:`SigmoidBeliefNet` (e.g. ``negative_slope``).
     :raises ValueError: for an unknown name.
     """
+    if name == CATEGORICAL_MODEL:
+        return CategoricalVAE(x_mean=x_mean, **kwargs)
     nonlinear, latent_dims = parse_architecture(name)
     hidden = (HIDDEN_UNITS, HIDDEN_UNITS) if nonlinear else ()
     return SigmoidBeliefNet(X_DIM, latent_dims, hidden, x_mean=x_mean, **kwargs)
+
+
+#: The name of the categorical VAE among the ``--model`` choices.
+CATEGORICAL_MODEL = "categorical"
+#: Its latent variables and their classes.
+NUM_VARIABLES, NUM_CLASSES = 20, 10
+
+_RELAXED: list[float] = []
+
+
+class StraightThrough(dist.RelaxedOneHotCategoricalStraightThrough):
+    """Pyro's straight-through relaxed one-hot categorical, whose KL divergence to another is
+    that of the categoricals of their logits (the Gumbel-softmax VAE's objective with
+    ``TraceMeanField_ELBO``: the decoder sees the hard sample, the KL term is exact)."""
+
+
+@register_kl(StraightThrough, StraightThrough)
+def _kl_straight_through(q: StraightThrough, p: StraightThrough) -> Tensor:
+    return kl_divergence(
+        dist.Categorical(logits=q.base_dist.logits), dist.Categorical(logits=p.base_dist.logits)
+    )
+
+
+@contextmanager
+def relaxed(temperature: float):
+    """
+    Inside, :class:`CategoricalVAE` samples its latents from Pyro's
+    :class:`~pyro.distributions.RelaxedOneHotCategoricalStraightThrough` at ``temperature``
+    (:class:`StraightThrough`; a uniform-logits one in the model) while gradients are
+    enabled: the Gumbel straight-through yardstick, biased. Evaluation (without gradients)
+    stays discrete.
+    """
+    _RELAXED.append(float(temperature))
+    try:
+        yield
+    finally:
+        _RELAXED.pop()
+
+
+class CategoricalVAE(PyroModule):
+    """
+    A discrete VAE with ``20`` categorical latents of ``10`` classes, nonlinear: encoder
+    ``784 -> 200 -> 20 x 10`` logits, decoder ``20 x 10`` one-hot ``-> 200 -> 784``, with one
+    LeakyReLU layer of 200 units in each map, a uniform prior. One guide site ``"z1"``,
+    ``OneHotCategorical(logits=...).to_event(1)`` of shape ``(..., B, 20, 10)``, in the data
+    plate at dim -1, like the SBN's ``"z1"``.
+    """
+
+    latent_names = ("z1",)
+    num_layers = 1
+
+    def __init__(
+        self,
+        x_dim: int = X_DIM,
+        num_variables: int = NUM_VARIABLES,
+        num_classes: int = NUM_CLASSES,
+        hidden: int = HIDDEN_UNITS,
+        x_mean: Optional[Tensor] = None,
+        negative_slope: float = 0.3,
+    ):
+        super().__init__()
+        self.x_dim, self.negative_slope = int(x_dim), float(negative_slope)
+        self.num_variables, self.num_classes = int(num_variables), int(num_classes)
+        latent = self.num_variables * self.num_classes
+        self.encoder = _mlp((self.x_dim, hidden, latent))
+        self.decoder = _mlp((latent, hidden, self.x_dim))
+        to_pyro_module_(self.encoder)
+        to_pyro_module_(self.decoder)
+        if x_mean is not None:
+            x_mean = torch.as_tensor(x_mean, dtype=torch.float32).reshape(-1)
+            with torch.no_grad():
+                self.decoder[-1].bias.copy_(torch.logit(x_mean.clamp(1e-3, 1 - 1e-3)))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The latents' logits ``(..., 20, 10)``."""
+        h = run_map(self.encoder, x, self.negative_slope)
+        return h.reshape(h.shape[:-1] + (self.num_variables, self.num_classes))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """The pixels' logits given one-hot latents ``(..., 20, 10)``."""
+        return run_map(self.decoder, z.flatten(-2), self.negative_slope)
+
+    def _latent(self, logits: Tensor):
+        if _RELAXED and torch.is_grad_enabled():
+            temperature = torch.tensor(_RELAXED[-1], device=logits.device)
+            # float32 soft samples miss the simplex check's tolerance now and then
+            return StraightThrough(temperature, logits=logits, validate_args=False)
+        return dist.OneHotCategorical(logits=logits)
+
+    @pyro_method
+    def model(self, x: Tensor) -> Tensor:
+        """The generative model, observing ``x`` ``(B, 784)``; returns the pixels' logits."""
+        shape = x.shape[:-1] + (self.num_variables, self.num_classes)
+        with pyro.plate("data", x.shape[-2], dim=-1):
+            prior = self._latent(x.new_zeros(shape)).to_event(1)
+            z = pyro.sample("z1", prior)
+            x_logits = self.decode(z)
+            pyro.sample("x", dist.Bernoulli(logits=x_logits).to_event(1), obs=x)
+        return x_logits
+
+    @pyro_method
+    def guide(self, x: Tensor) -> Tensor:
+        """The recognition network ``q(z | x)``; returns the one-hot latents."""
+        with pyro.plate("data", x.shape[-2], dim=-1):
+            return pyro.sample("z1", self._latent(self.encode(x)).to_event(1))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Pixel probabilities of ``x`` given ``z ~ q(z | x)`` (one draw), shape like ``x``."""
+        z = dist.OneHotCategorical(logits=self.encode(x)).sample()
+        return torch.sigmoid(self.decode(z))
+
+    @torch.no_grad()
+    def sample(self, n: int) -> Tensor:
+        """Pixel probabilities of ``x`` given ``n`` draws of the prior, ``(n, 784)``."""
+        logits = torch.zeros(n, self.num_variables, self.num_classes)
+        return torch.sigmoid(self.decode(dist.OneHotCategorical(logits=logits).sample()))
