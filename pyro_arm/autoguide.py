@@ -21,7 +21,7 @@ from pyro.nn.module import PyroModule, PyroParam
 from pyro.ops.tensor_utils import periodic_repeat
 from torch.distributions import Bernoulli, Categorical, OneHotCategorical
 
-from pyro_arm.sites import _innermost
+from pyro_arm.sites import innermost
 
 #: The families :class:`AutoDiscrete` guides, by the name it records for each site.
 FAMILIES = {"bernoulli": Bernoulli, "categorical": Categorical, "one_hot": OneHotCategorical}
@@ -92,7 +92,7 @@ class AutoDiscrete(AutoGuide):
             if site["infer"].get("enumerate"):
                 continue
             fn = site["fn"]
-            kind = _family(_innermost(fn))
+            kind = _family(innermost(fn))
             if kind is None:
                 raise ValueError(_unsupported_message(name, fn))
             logits, param_event_dim = self._initial_logits(site, kind)
@@ -112,7 +112,7 @@ class AutoDiscrete(AutoGuide):
     def _initial_logits(self, site: dict, kind: str) -> tuple[torch.Tensor, int]:
         """The site's initial logits in its (subsampled) shape, and their event dims."""
         fn = site["fn"]
-        base = _innermost(fn)
+        base = innermost(fn)
         shape = fn.batch_shape + fn.event_shape
         event_dim = fn.event_dim
         if kind == "categorical":
@@ -207,7 +207,7 @@ class AutoDiscrete(AutoGuide):
 
 
 def _unsupported_message(name: str, fn: torch.distributions.Distribution) -> str:
-    family = type(_innermost(fn)).__name__
+    family = type(innermost(fn)).__name__
     if fn.support.is_discrete:
         return (
             f"At site '{name}': AutoDiscrete guides Bernoulli, Categorical and "

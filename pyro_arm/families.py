@@ -32,7 +32,7 @@ from torch.distributions import Bernoulli, Categorical, Distribution, OneHotCate
 
 from pyro_arm import categorical
 from pyro_arm.estimators import Estimator, working_dtype
-from pyro_arm.sites import _innermost, bernoulli_logits, estimator_logits, is_subsample_site
+from pyro_arm.sites import bernoulli_logits, estimator_logits, innermost, is_subsample_site
 
 
 class SiteSample(NamedTuple):
@@ -64,7 +64,7 @@ class SiteFamily:
     types: tuple = (Bernoulli,)
 
     def recognises(self, fn: Distribution) -> bool:
-        return isinstance(_innermost(fn), self.types)
+        return isinstance(innermost(fn), self.types)
 
     def reduction(self, estimator: Estimator) -> Optional[Callable]:
         """The estimator's reduction for this family; ``None``: the score function."""
@@ -116,11 +116,11 @@ class CategoricalFamily(SiteFamily):
         self.types = (OneHotCategorical,) if one_hot else (Categorical,)
 
     def _categorical(self, fn: Distribution) -> Categorical:
-        inner = _innermost(fn)
+        inner = innermost(fn)
         return inner._categorical if self.one_hot else inner
 
     def recognises(self, fn: Distribution) -> bool:
-        inner = _innermost(fn)  # a straight-through one-hot has its own (pathwise) gradient
+        inner = innermost(fn)  # a straight-through one-hot has its own (pathwise) gradient
         return isinstance(inner, self.types) and not inner.has_rsample
 
     def reduction(self, estimator: Estimator) -> Optional[Callable]:

@@ -21,7 +21,7 @@ from pyro_arm.estimators import working_dtype
 _WRAPPERS = (Independent, MaskedDistribution, ExpandedDistribution)
 
 
-def _innermost(fn: Distribution) -> Distribution:
+def innermost(fn: Distribution) -> Distribution:
     while isinstance(fn, _WRAPPERS):
         fn = fn.base_dist
     return fn
@@ -29,7 +29,7 @@ def _innermost(fn: Distribution) -> Distribution:
 
 def is_bernoulli(fn: Distribution) -> bool:
     """Whether ``fn`` is a Bernoulli under any of ``.expand``, ``.to_event``, ``.mask``."""
-    return isinstance(_innermost(fn), Bernoulli)
+    return isinstance(innermost(fn), Bernoulli)
 
 
 def bernoulli_logits(fn: Distribution) -> Optional[torch.Tensor]:
@@ -41,7 +41,7 @@ def bernoulli_logits(fn: Distribution) -> Optional[torch.Tensor]:
     The logits are those of the innermost Bernoulli; they broadcast, right-aligned, to
     ``fn.shape()``, because every wrapper keeps batch and event dims right-aligned.
     """
-    fn = _innermost(fn)
+    fn = innermost(fn)
     return fn.logits if isinstance(fn, Bernoulli) else None
 
 
@@ -53,7 +53,7 @@ def estimator_logits(fn: Distribution) -> torch.Tensor:
     logits, which clamp the probs to the dtype's epsilon (about 1% in bfloat16). Call it before
     anything reads ``fn.logits``: that is how a site written with ``probs=`` is recognised.
     """
-    fn = _innermost(fn)
+    fn = innermost(fn)
     if "logits" not in fn.__dict__:  # written with probs=, its logits not computed yet
         probs = fn.probs.detach()
         return torch.logit(probs.to(working_dtype(probs.dtype)))
