@@ -151,5 +151,7 @@ def run_costs(model, guide, args, kwargs, log_p: Optional[LogPMessenger] = None)
     with pyro.validation_enabled(False):
         with torch.no_grad(), CostMessenger(costs, -1.0, values):
             guide(*args, **kwargs)
-        model_costs(model, args, kwargs, costs, detached(values), log_p)
+        with unguarded():
+            values = detached(values)
+        model_costs(model, args, kwargs, costs, values, log_p)
     return costs

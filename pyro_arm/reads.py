@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from pyro.poutine.messenger import Messenger
@@ -162,7 +162,7 @@ class ReadGuard(TorchFunctionMode):
         self._tainted: dict[int, weakref.ref] = {}
         self._taint = _Taint(self)
         self.last_site: str | None = None
-        self.fingerprint = 0
+        self._calls: list = []
 
     def __enter__(self):
         self._taint.__enter__()
@@ -184,23 +184,12 @@ class ReadGuard(TorchFunctionMode):
         return ref is not None and ref() is tensor
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
+        result = func(*args, **kwargs) if kwargs else func(*args)
         shape = result.shape if isinstance(result, torch.Tensor) else type(result)
-        self.fingerprint = hash((self.fingerprint, func, shape))
-        tainted = self._tainted
-        for arg in args:
-            if isinstance(arg, torch.Tensor):
-                if id(arg) in tainted and self.tainted(arg):
-                    break
-            elif isinstance(arg, (tuple, list)) and any(
-                isinstance(a, torch.Tensor) and self.tainted(a) for a in arg
-            ):
-                break
-        else:
-            if not any(isinstance(a, torch.Tensor) and self.tainted(a) for a in kwargs.values()):
-                return result
-        if is_read(func, args, kwargs, result) and not _in_validation():
+        self._calls.append((func, shape))
+        if not self._reads_tainted(args, kwargs):
+            return result
+        if is_read(func, args, kwargs or {}, result) and not _in_validation():
             where = f"after site '{self.last_site}'" if self.last_site else "before any site"
             raise SampledValueRead(
                 f"`{_name(func) or func}` read a sampled value into Python {where} in a "
@@ -219,10 +208,26 @@ class ReadGuard(TorchFunctionMode):
             and (name in _IN_PLACE or (name.endswith("_") and not name.startswith("_")))
         ):
             self.taint(args[0])
-        out = kwargs.get("out")
+        out = kwargs.get("out") if kwargs else None
         if isinstance(out, torch.Tensor):
             self.taint(out)
         return result
+
+    def _reads_tainted(self, args: tuple, kwargs: Optional[dict]) -> bool:
+        """Whether a call's arguments (one level into lists and tuples) hold a tainted tensor."""
+        tainted = self._tainted
+        for arg in args:
+            ref = tainted.get(id(arg))
+            if ref is not None and ref() is arg:
+                return True
+            if type(arg) in (tuple, list) and any(self.tainted(a) for a in arg):
+                return True
+        return bool(kwargs) and any(self.tainted(a) for a in kwargs.values())
+
+    @property
+    def fingerprint(self) -> int:
+        """The code path of the pass so far: its torch calls and the shapes they returned."""
+        return hash(tuple(self._calls))
 
 
 #: Where torch.distributions and Pyro check arguments, samples and log-densities: reads there

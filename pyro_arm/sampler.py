@@ -175,7 +175,8 @@ class BranchMessenger(Messenger):
             before, at = False, position == first
         else:
             flips = self._per_branch(msg["fn"].event_dim, self.base.values[name].device)
-            before, at = flips > position, flips == position
+            with unguarded():
+                before, at = flips > position, flips == position
         msg["value"] = branch_rule(
             before,
             at,
