@@ -75,6 +75,9 @@ class IWELBO(TraceARM_ELBO):
     model's parameters, reparameterized sites, and the explicit :math:`-\log q(z_k)` of every
     guide site, whose mean is not zero in this bound.
 
+    Sites marked for enumeration raise :class:`NotImplementedError` naming the site, as in
+    :class:`~pyro_arm.TraceARM_ELBO`.
+
     :param int num_samples: :math:`K \ge 2`, the samples inside the bound.
     :param str estimator: ``"vimco"`` (default), ``"disarm"`` or ``"arms"``.
     :param int num_members: the ``"arms"`` members per Bernoulli site (``>= 2``, default 3).

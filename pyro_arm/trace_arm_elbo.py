@@ -11,11 +11,12 @@ import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_item
-from pyro.util import check_if_enumerated, warn_if_inf, warn_if_nan
+from pyro.util import warn_if_inf, warn_if_nan
 
 from pyro_arm.baselines import baseline_options, leave_one_out, site_baseline
 from pyro_arm.batching import batched_pass_errors
 from pyro_arm.costs import LogPMessenger, detached, model_costs
+from pyro_arm.enum import refuse_enumerated
 from pyro_arm.estimators import check_num_samples, get_estimator
 from pyro_arm.executors import BranchExecutor
 from pyro_arm.multisample import rloo_weights
@@ -88,6 +89,10 @@ class TraceARM_ELBO(ELBO):
     (:mod:`pyro_arm.baselines`). Model parameters get the ordinary gradient at the sampled
     values, reparameterized sites are pathwise, and observed guide sites (``pyro.factor``) enter
     the cost and their own pathwise gradient.
+
+    **Enumeration.** A site marked for enumeration (``infer={"enumerate": ...}``,
+    ``config_enumerate``), in the guide or in the model outside the guide, raises
+    :class:`NotImplementedError` naming it (:mod:`pyro_arm.enum`), rather than being sampled.
 
     **Low precision.** With half-precision logits (``bfloat16``, ``float16``, as
     ``torch.autocast`` makes them) the uniforms are drawn and compared, and the estimator weights
@@ -183,14 +188,14 @@ class TraceARM_ELBO(ELBO):
         """
         Returns a single trace from the guide, and the model that is run against it, as
         :class:`~pyro.infer.trace_elbo.Trace_ELBO` does; the guide it is given draws its
-        Bernoulli sites with a :class:`~pyro_arm.sampler.SampleMessenger`.
+        Bernoulli sites with a :class:`~pyro_arm.sampler.SampleMessenger`. A site marked for
+        enumeration raises :class:`NotImplementedError` (:mod:`pyro_arm.enum`).
         """
         nesting = self.max_plate_nesting
         if self.vectorize_particles:
             nesting = self._user_nesting() + int(self.runs > 1)
         model_trace, guide_trace = get_importance_trace("flat", nesting, model, guide, args, kwargs)
-        if is_validation_enabled():
-            check_if_enumerated(guide_trace)
+        refuse_enumerated(model_trace, guide_trace, type(self).__name__)
         return model_trace, guide_trace
 
     def _particles(self, model, guide, args, kwargs) -> list[Particle]:
