@@ -75,8 +75,8 @@ class IWELBO(TraceARM_ELBO):
     model's parameters, reparameterized sites, and the explicit :math:`-\log q(z_k)` of every
     guide site, whose mean is not zero in this bound.
 
-    Sites marked for enumeration raise :class:`NotImplementedError` naming the site, as in
-    :class:`~pyro_arm.TraceARM_ELBO`.
+    Sites marked for enumeration, in model or guide, raise :class:`NotImplementedError` naming
+    the site (the bound does not sum them out).
 
     :param int num_samples: :math:`K \ge 2`, the samples inside the bound.
     :param str estimator: ``"vimco"`` (default), ``"disarm"`` or ``"arms"``.
@@ -114,6 +114,8 @@ class IWELBO(TraceARM_ELBO):
         self.estimator = estimators[estimator]
         self.num_samples, self.num_members = num_samples, num_members
         self.model_grad = "base"
+
+    _sums_out_enumeration = False
 
     def _tracks_dependencies(self) -> bool:
         return False

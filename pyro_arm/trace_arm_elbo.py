@@ -7,6 +7,7 @@ from contextlib import nullcontext
 from typing import Any, Optional
 
 import pyro
+import pyro.poutine as poutine
 import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.enum import get_importance_trace
@@ -16,7 +17,13 @@ from pyro.util import warn_if_inf, warn_if_nan
 from pyro_arm.baselines import baseline_options, leave_one_out, site_baseline
 from pyro_arm.batching import batched_pass_errors
 from pyro_arm.costs import LogPMessenger, detached, model_costs
-from pyro_arm.enum import refuse_enumerated
+from pyro_arm.enum import (
+    enumerated,
+    enumeration,
+    marginalize_trace,
+    marks_parallel,
+    refuse_enumerated,
+)
 from pyro_arm.estimators import check_num_samples, get_estimator
 from pyro_arm.executors import BranchExecutor
 from pyro_arm.multisample import rloo_weights
@@ -90,9 +97,15 @@ class TraceARM_ELBO(ELBO):
     values, reparameterized sites are pathwise, and observed guide sites (``pyro.factor``) enter
     the cost and their own pathwise gradient.
 
-    **Enumeration.** A site marked for enumeration (``infer={"enumerate": ...}``,
-    ``config_enumerate``), in the guide or in the model outside the guide, raises
-    :class:`NotImplementedError` naming it (:mod:`pyro_arm.enum`), rather than being sampled.
+    **Enumeration.** Model sites marked ``infer={"enumerate": "parallel"}`` (as
+    ``config_enumerate`` marks them) that the guide does not sample are summed out exactly, as in
+    :class:`~pyro.infer.traceenum_elbo.TraceEnum_ELBO`: :math:`f` is then
+    :math:`\log p(x, z) - \log q(z \mid x)` with the enumerated variables summed out, one
+    contracted term per plate set, so that signals stay plate-local where the enumerated
+    variables are local to a plate (:mod:`pyro_arm.enum`). Enumeration dims sit left of every
+    plate, those over particles and branches included. Guide sites marked for enumeration and
+    ``"sequential"`` model sites raise :class:`NotImplementedError` naming the site; no site
+    marked for enumeration is sampled.
 
     **Low precision.** With half-precision logits (``bfloat16``, ``float16``, as
     ``torch.autocast`` makes them) the uniforms are drawn and compared, and the estimator weights
@@ -112,7 +125,7 @@ class TraceARM_ELBO(ELBO):
     :param int num_particles: number of particles (samples) averaged in the estimate; a
         positive integer, else :class:`ValueError`.
     :param int max_plate_nesting: bound on nested :class:`pyro.plate` contexts; guessed by running
-        model and guide once when vectorizing and left unset.
+        model and guide once when vectorizing or enumerating and left unset.
     :param bool vectorize_particles: run particles and antithetic branches as batched passes;
         requires a structure that does not depend on sampled values (violations raise
         :class:`NotImplementedError` naming the site).
@@ -166,6 +179,8 @@ class TraceARM_ELBO(ELBO):
         )
         #: runs the branches, batched where that is proven equivalent to running them looped
         self.executor = BranchExecutor()
+        #: (model, guide) -> whether the model has sites to sum out by enumeration
+        self._enumerating: dict = {}
 
     @property
     def runs(self) -> int:
@@ -196,17 +211,37 @@ class TraceARM_ELBO(ELBO):
             nesting = self._user_nesting() + int(self.runs > 1)
         model_trace, guide_trace = get_importance_trace("flat", nesting, model, guide, args, kwargs)
         refuse_enumerated(model_trace, guide_trace, type(self).__name__)
+        sampled = [
+            name
+            for name, site in model_trace.nodes.items()
+            if enumeration(site)
+            and name not in guide_trace
+            and site["infer"].get("_enumerate_dim") is None
+        ]
+        if sampled:  # never sample a site marked for enumeration
+            raise NotImplementedError(
+                f"At site '{sampled[0]}': the model site is marked for parallel enumeration, "
+                f"which {type(self).__name__} does not sum out here; use pyro.infer.TraceEnum_ELBO"
+            )
+        marginalize_trace(model_trace, guide_trace)
         return model_trace, guide_trace
 
     def _particles(self, model, guide, args, kwargs) -> list[Particle]:
         """The base runs of one call: one particle each, or all as one when vectorized."""
         vectorized = self.vectorize_particles
-        if vectorized:
+        enumerates = self._sums_out_enumeration and self._enumerates(model, guide, args, kwargs)
+        if vectorized or enumerates:
             if self.max_plate_nesting == float("inf"):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
-            if self.runs > 1:
-                plate = pyro.plate("num_particles_vectorized", self.runs, dim=self._particle_dim())
-                model, guide = plate(model), plate(guide)
+        nesting = None
+        if enumerates:
+            nesting = self._user_nesting()
+        if vectorized and self.runs > 1:
+            plate = pyro.plate("num_particles_vectorized", self.runs, dim=self._particle_dim())
+            model, guide = plate(model), plate(guide)
+            nesting = None if nesting is None else nesting + 1
+        if nesting is not None:  # enumeration outside the plate over particles, as in Pyro
+            model = enumerated(model, nesting)
         context = ParticleContext(
             model,
             guide,
@@ -235,6 +270,26 @@ class TraceARM_ELBO(ELBO):
             for particle in particles:
                 particle.track_dependencies()
         return particles
+
+    #: whether the ELBO sums out the model sites marked for parallel enumeration
+    _sums_out_enumeration = True
+
+    def _enumerates(self, model, guide, args, kwargs) -> bool:
+        """Whether the model marks a site outside the guide for parallel enumeration, from one
+        run of guide and model (per pair, drawing no random numbers from the caller's
+        stream)."""
+        key = (model, guide)
+        if key not in self._enumerating:
+            sampler = SampleMessenger(self.estimator, self.num_samples)
+            try:
+                with _fork_rng(), pyro.validation_enabled(False), poutine.block():
+                    guide_trace = poutine.trace(sampler(guide)).get_trace(*args, **kwargs)
+                    replayed = poutine.replay(model, trace=guide_trace)
+                    model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - the base run raises the model's own error
+                return False  # (and a marked site it then samples raises: _get_trace)
+            self._enumerating[key] = marks_parallel(model_trace, guide_trace)
+        return self._enumerating[key]
 
     def _replicas_share_subsamples(self) -> bool:
         """Whether the replicas of a particle reuse its first replica's plate subsamples."""

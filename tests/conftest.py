@@ -54,6 +54,10 @@ SLOW = (
     r"test_lightning_example\.py::",
     # the gallery's examples in smoke mode (subprocesses; the exact references take a while)
     r"test_examples\.py::",
+    # enumeration against references summed out by hand: the fast tier keeps one case per
+    # model, vectorized, and one sequential
+    r"test_enum\.py::test_unbiased_enumerated\[(?!mixture-arm-vec|global-ar-vec|"
+    r"chain-disarm-vec|categorical-arms-vec|mixture-disarm-seq)",
 )
 _SLOW = re.compile("|".join(f"(?:{pattern})" for pattern in SLOW))
 
