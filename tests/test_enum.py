@@ -13,6 +13,7 @@ from pyro.infer import config_enumerate
 
 from pyro_arm import IWELBO, TraceARM_ELBO
 from pyro_arm.enum import MARGINAL_PREFIX
+from pyro_arm.executors import batch_dim
 from tests.exact import assert_unbiased, exact_loss_and_grads
 
 DATA = torch.tensor([1.0, 0.0])
@@ -278,3 +279,56 @@ def test_signals_stay_plate_local(vectorize):
         assert signal.shape[-1:] == (3,)
         if expect:  # one term per datapoint
             assert terms[0]["log_prob"].shape[-1:] == expect
+
+
+def subsampled_mixture(data):
+    loc = pyro.param("loc", torch.tensor([-1.0, 1.0]))
+    with pyro.plate("data", 3, subsample_size=2) as idx:
+        z = pyro.sample("z", dist.Bernoulli(logits=torch.zeros(2)))
+        c = pyro.sample("c", dist.Categorical(logits=mix_logits()), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.Normal(loc[c] + z, 1.0), obs=data[idx])
+
+
+def subsampled_mixture_summed(data):
+    loc = pyro.param("loc", torch.tensor([-1.0, 1.0]))
+    with pyro.plate("data", 3, subsample_size=2) as idx:
+        z = pyro.sample("z", dist.Bernoulli(logits=torch.zeros(2)))
+        log_px = dist.Normal(loc + z.unsqueeze(-1), 1.0).log_prob(data[idx].unsqueeze(-1))
+        pyro.factor("x", (mix_logits().log_softmax(-1) + log_px).logsumexp(-1))
+
+
+def subsampled_guide(data):
+    phi = pyro.param("phi", torch.tensor([0.3, -0.2, 0.5]))
+    with pyro.plate("data", 3, subsample_size=2) as idx:
+        pyro.sample("z", dist.Bernoulli(logits=phi[idx]))
+
+
+@pytest.mark.parametrize(
+    "vectorize, estimator", [(True, "arm"), (False, "disarm")], ids=["vec-arm", "seq-disarm"]
+)
+def test_unbiased_subsampled_mixture(vectorize, estimator, float64):
+    """The subsample scale multiplies the summed-out terms, as in TraceEnum_ELBO."""
+    elbo = TraceARM_ELBO(
+        num_particles=50 if vectorize else 2, vectorize_particles=vectorize, estimator=estimator
+    )
+    reference = summed_reference(subsampled_mixture_summed)
+    data = (torch.tensor(X),)
+    num_samples = 4000 if vectorize else 200
+    assert_unbiased(
+        elbo,
+        subsampled_mixture,
+        subsampled_guide,
+        data,
+        num_samples=num_samples,
+        reference=reference,
+    )
+
+
+def test_branches_batch_beside_enumeration():
+    """The branches of the chain run as one batched pass, its plate left of the enumeration
+    dims, proven equal to the looped branches."""
+    elbo = TraceARM_ELBO(num_particles=2)
+    model, _, guide = CASES["chain"]
+    for _ in range(2):
+        elbo.loss_and_grads(model, guide, torch.tensor(X))
+    assert batch_dim(elbo.executor, model, guide) is not None, elbo.executor.looped
