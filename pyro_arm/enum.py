@@ -22,8 +22,8 @@ a run's cost terms (:func:`marginalize_trace` for the traces of a base run,
 ELBO see :math:`\\log p(x, z)` with the enumerated variables summed out.
 
 **Guide sites marked for enumeration, and** ``"sequential"`` **model sites**, raise
-:class:`NotImplementedError` naming the site (:func:`refuse_enumerated`): no site marked for
-enumeration is ever sampled.
+:class:`NotImplementedError` naming the site before it is sampled (:class:`EnumerationCheck`):
+no site marked for enumeration is ever sampled.
 """
 
 from __future__ import annotations
@@ -56,38 +56,70 @@ def enumeration(site: dict) -> Optional[str]:
     return (site.get("infer") or {}).get("enumerate") or None
 
 
-def refuse_enumerated(model_trace: Trace, guide_trace: Trace, elbo: str) -> None:
-    """
-    Raises :class:`NotImplementedError` naming the first guide site marked for enumeration, or
-    model site (outside the guide) marked for ``"sequential"`` enumeration, and the ELBO
-    (``elbo``) that cannot sum it out.
-    """
-    marked = [(n, s) for n, s in guide_trace.nodes.items() if enumeration(s)]
-    marked += [
-        (n, s)
-        for n, s in model_trace.nodes.items()
-        if enumeration(s) not in (None, "parallel") and n not in guide_trace
-    ]
-    if not marked:
-        return
-    name, site = marked[0]
-    where = "guide" if name in guide_trace else "model"
-    raise NotImplementedError(
-        f"At site '{name}': the {where} site is marked for enumeration "
-        f"(infer={{'enumerate': {enumeration(site)!r}}}), which {elbo} does not sum out (it "
-        "sums out model sites marked 'parallel'); sampling it instead would change the "
-        "objective. Mark it 'parallel' in the model, use pyro.infer.TraceEnum_ELBO, or remove "
-        "the mark (config_enumerate, infer['enumerate']) to sample it"
-    )
+class Unenumerated(Exception):
+    """A model site marked for parallel enumeration, outside the guide, that no enumeration
+    handler enumerated (the model runs without :func:`enumerated`)."""
 
 
-def marks_parallel(model_trace: Trace, guide_trace: Trace) -> bool:
-    """Whether the model has a latent site outside the guide marked for parallel
-    enumeration."""
-    return any(
-        enumeration(site) == "parallel" and name not in guide_trace
-        for name, site in model_trace.nodes.items()
-    )
+class EnumerationCheck:
+    """
+    Checks the sites marked for enumeration in one run of guide (:meth:`guide`) and model
+    (:meth:`model`), before they are sampled: a guide site marked for enumeration, or a model
+    site outside the guide marked ``"sequential"``, raises :class:`NotImplementedError` naming
+    it and the ELBO (``elbo``); a model site outside the guide marked ``"parallel"`` and not
+    enumerated raises :class:`Unenumerated` where the ELBO sums such sites out
+    (``sums_out``), else :class:`NotImplementedError`.
+    """
+
+    def __init__(self, elbo: str, sums_out: bool) -> None:
+        self.elbo, self.sums_out = elbo, sums_out
+        self.guide_sites: set[str] = set()
+
+    def guide(self, fn: Callable) -> Callable:
+        return _GuideCheck(self)(fn)
+
+    def model(self, fn: Callable) -> Callable:
+        return _ModelCheck(self)(fn)
+
+    def refuse(self, msg: dict, where: str) -> NotImplementedError:
+        sums = "sums out model sites marked 'parallel'" if self.sums_out else "sums out none"
+        return NotImplementedError(
+            f"At site '{msg['name']}': the {where} site is marked for enumeration "
+            f"(infer={{'enumerate': {enumeration(msg)!r}}}), which {self.elbo} does not sum out "
+            f"(it {sums}); sampling it instead would change the objective. Use "
+            "pyro.infer.TraceEnum_ELBO, or remove the mark (config_enumerate, "
+            "infer['enumerate']) to sample it"
+        )
+
+
+class _GuideCheck(Messenger):
+    def __init__(self, check: EnumerationCheck) -> None:
+        super().__init__()
+        self.check = check
+
+    def _pyro_sample(self, msg) -> None:
+        self.check.guide_sites.add(msg["name"])
+        if enumeration(msg):
+            raise self.check.refuse(msg, "guide")
+
+
+class _ModelCheck(Messenger):
+    """Sees each model site after the handlers inside it (enumeration included) and before
+    the replay of the guide's values outside it."""
+
+    def __init__(self, check: EnumerationCheck) -> None:
+        super().__init__()
+        self.check = check
+
+    def _pyro_sample(self, msg) -> None:
+        kind = enumeration(msg)
+        if kind is None or msg["name"] in self.check.guide_sites:
+            return
+        if kind == "parallel" and msg["infer"].get("_enumerate_dim") is not None:
+            return
+        if kind == "parallel" and self.check.sums_out:
+            raise Unenumerated(msg["name"])
+        raise self.check.refuse(msg, "model")
 
 
 def enumerated(model: Callable, nesting: int) -> Callable:

@@ -7,7 +7,6 @@ from contextlib import nullcontext
 from typing import Any, Optional
 
 import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.enum import get_importance_trace
@@ -18,11 +17,10 @@ from pyro_arm.baselines import baseline_options, leave_one_out, site_baseline
 from pyro_arm.batching import batched_pass_errors
 from pyro_arm.costs import LogPMessenger, detached, model_costs
 from pyro_arm.enum import (
+    EnumerationCheck,
+    Unenumerated,
     enumerated,
-    enumeration,
     marginalize_trace,
-    marks_parallel,
-    refuse_enumerated,
 )
 from pyro_arm.estimators import check_num_samples, get_estimator
 from pyro_arm.executors import BranchExecutor
@@ -179,7 +177,7 @@ class TraceARM_ELBO(ELBO):
         )
         #: runs the branches, batched where that is proven equivalent to running them looped
         self.executor = BranchExecutor()
-        #: (model, guide) -> whether the model has sites to sum out by enumeration
+        #: (model, guide) -> True where the model has sites to sum out by enumeration
         self._enumerating: dict = {}
 
     @property
@@ -209,27 +207,33 @@ class TraceARM_ELBO(ELBO):
         nesting = self.max_plate_nesting
         if self.vectorize_particles:
             nesting = self._user_nesting() + int(self.runs > 1)
+        check = EnumerationCheck(type(self).__name__, self._sums_out_enumeration)
+        model, guide = check.model(model), check.guide(guide)
         model_trace, guide_trace = get_importance_trace("flat", nesting, model, guide, args, kwargs)
-        refuse_enumerated(model_trace, guide_trace, type(self).__name__)
-        sampled = [
-            name
-            for name, site in model_trace.nodes.items()
-            if enumeration(site)
-            and name not in guide_trace
-            and site["infer"].get("_enumerate_dim") is None
-        ]
-        if sampled:  # never sample a site marked for enumeration
-            raise NotImplementedError(
-                f"At site '{sampled[0]}': the model site is marked for parallel enumeration, "
-                f"which {type(self).__name__} does not sum out here; use pyro.infer.TraceEnum_ELBO"
-            )
         marginalize_trace(model_trace, guide_trace)
         return model_trace, guide_trace
 
     def _particles(self, model, guide, args, kwargs) -> list[Particle]:
-        """The base runs of one call: one particle each, or all as one when vectorized."""
+        """
+        The base runs of one call: one particle each, or all as one when vectorized. A model
+        found to mark sites for parallel enumeration runs enumerated from then on (the call's
+        base runs start again).
+        """
+        try:
+            return self._base_runs(model, guide, args, kwargs)
+        except Unenumerated:
+            self._enumerating[(model, guide)] = True
+        try:
+            return self._base_runs(model, guide, args, kwargs)
+        except Unenumerated as exc:
+            raise NotImplementedError(
+                f"At site '{exc}': the model site is marked for parallel enumeration, and Pyro's "
+                "enumeration did not enumerate it"
+            ) from None
+
+    def _base_runs(self, model, guide, args, kwargs) -> list[Particle]:
         vectorized = self.vectorize_particles
-        enumerates = self._sums_out_enumeration and self._enumerates(model, guide, args, kwargs)
+        enumerates = self._enumerating.get((model, guide), False)
         if vectorized or enumerates:
             if self.max_plate_nesting == float("inf"):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
@@ -273,23 +277,6 @@ class TraceARM_ELBO(ELBO):
 
     #: whether the ELBO sums out the model sites marked for parallel enumeration
     _sums_out_enumeration = True
-
-    def _enumerates(self, model, guide, args, kwargs) -> bool:
-        """Whether the model marks a site outside the guide for parallel enumeration, from one
-        run of guide and model (per pair, drawing no random numbers from the caller's
-        stream)."""
-        key = (model, guide)
-        if key not in self._enumerating:
-            sampler = SampleMessenger(self.estimator, self.num_samples)
-            try:
-                with _fork_rng(), pyro.validation_enabled(False), poutine.block():
-                    guide_trace = poutine.trace(sampler(guide)).get_trace(*args, **kwargs)
-                    replayed = poutine.replay(model, trace=guide_trace)
-                    model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
-            except Exception:  # noqa: BLE001 - the base run raises the model's own error
-                return False  # (and a marked site it then samples raises: _get_trace)
-            self._enumerating[key] = marks_parallel(model_trace, guide_trace)
-        return self._enumerating[key]
 
     def _replicas_share_subsamples(self) -> bool:
         """Whether the replicas of a particle reuse its first replica's plate subsamples."""
