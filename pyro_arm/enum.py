@@ -13,11 +13,13 @@ and each plate kept as far as the enumerated variables are local to it:
 
 .. math::
 
-    \\log p(x, z) = \\sum_t s \\log \\sum_{c} \\prod_{f \\in F_t} p_f(x, z, c),
+    \\log p(x, z) = \\sum_{f \\notin F} \\log p_f(x, z)
+        + s \\sum_t \\log \\sum_{c} \\prod_{f \\in F_t} p_f(x, z, c),
 
-one term per plate set :math:`t` (a mixture assignment per datapoint gives one term per
-datapoint), :math:`s` the common subsample scale. These terms replace the contracted sites among
-a run's cost terms (:func:`marginalize_trace` for the traces of a base run,
+:math:`F` the contracted factors, one term per plate set :math:`t` (its products over the
+plates inside :math:`t` taken by the contraction; a mixture assignment per datapoint gives one
+term per datapoint), :math:`s` the common subsample scale. These terms replace the contracted
+sites among a run's cost terms (:func:`marginalize_trace` for the traces of a base run,
 :class:`MarginalMessenger` for the lean runs of :mod:`pyro_arm.costs`), so every signal and the
 ELBO see :math:`\\log p(x, z)` with the enumerated variables summed out.
 
