@@ -16,12 +16,18 @@ without rounding.
   message's ``scale`` and ``mask``; ``Distribution.mask`` lives in ``fn``), and
   :func:`run_costs` runs an antithetic branch's guide and model under it: no site copies, no
   pruning of subsample sites, no second walk over the sites.
+
+Where the model sums out enumerated sites (:mod:`pyro_arm.enum`), the model's terms that depend
+on an enumerated value are replaced by their contraction: in the traces by
+:func:`~pyro_arm.enum.marginalize_trace`, in a lean run by a
+:class:`~pyro_arm.enum.MarginalMessenger` outside the cost handlers, which skip the sites it
+takes.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Container, NamedTuple, Optional
 
 import pyro
 import torch
@@ -30,6 +36,7 @@ from pyro.infer.util import MultiFrameTensor
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 
+from pyro_arm.enum import MarginalMessenger
 from pyro_arm.estimators import working_dtype
 from pyro_arm.reads import unguarded
 from pyro_arm.sites import is_subsample_site
@@ -69,14 +76,23 @@ def costs_of(
 class CostMessenger(Messenger):
     """
     Adds each sample site's scaled, masked log-density, times ``sign``, to ``costs`` as the
-    run goes; with ``values``, also records every sampled value (subsamples included).
+    run goes; with ``values``, also records every sampled value (subsamples included). Sites
+    named in ``skip`` are left out.
     """
 
-    def __init__(self, costs: MultiFrameTensor, sign: float, values: Optional[dict] = None) -> None:
+    def __init__(
+        self,
+        costs: MultiFrameTensor,
+        sign: float,
+        values: Optional[dict] = None,
+        skip: Container[str] = (),
+    ) -> None:
         super().__init__()
-        self.costs, self.sign, self.values = costs, sign, values
+        self.costs, self.sign, self.values, self.skip = costs, sign, values, skip
 
     def _pyro_post_sample(self, msg) -> None:
+        if msg["name"] in self.skip:
+            return
         if self.values is not None and not msg["is_observed"]:
             self.values[msg["name"]] = msg["value"]
         if is_subsample_site(msg):
@@ -105,14 +121,16 @@ class ReplayValuesMessenger(Messenger):
 
 
 class LogPMessenger(Messenger):
-    """Sums the model's scaled, masked log-densities, with gradient, into :attr:`log_p`."""
+    """Sums the model's scaled, masked log-densities, with gradient, into :attr:`log_p`
+    (sites named in :attr:`skip` left out)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.log_p: torch.Tensor | float = 0.0
+        self.skip: Container[str] = ()
 
     def _pyro_post_sample(self, msg) -> None:
-        if is_subsample_site(msg):
+        if is_subsample_site(msg) or msg["name"] in self.skip:
             return
         log_prob = msg["fn"].log_prob(msg["value"], *msg["args"], **msg["kwargs"])
         with unguarded():
@@ -130,13 +148,20 @@ def model_costs(
     """
     Runs the model with its latent sites at ``values`` and adds its cost terms to ``costs``;
     with ``log_p``, also sums its log-density with gradient there. Returns the values of the
-    latent sites the model met.
+    latent sites the model met (summed-out enumerated sites excluded).
     """
     seen: dict = {}
     grad = log_p is not None and torch.is_grad_enabled()
-    with torch.set_grad_enabled(grad), CostMessenger(costs, 1.0, seen):
+    marginal = MarginalMessenger(values)
+    if log_p is not None:
+        log_p.skip = marginal.names
+    with torch.set_grad_enabled(grad), marginal, CostMessenger(costs, 1.0, seen, marginal.names):
         with log_p or nullcontext(), ReplayValuesMessenger(values):
             model(*args, **kwargs)
+        for stack, term in marginal.terms():
+            costs.add((stack, _detached(term)))
+            if log_p is not None:
+                log_p.log_p = log_p.log_p + term.sum()
     return seen
 
 

@@ -36,6 +36,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites
 from torch.overrides import TorchFunctionMode
 
+from pyro_arm.enum import marginalize_trace
 from pyro_arm.reads import is_read
 from pyro_arm.sites import is_subsample_site
 
@@ -148,4 +149,7 @@ def trace_dependencies(model, guide, values: dict, args, kwargs) -> Dependencies
             costs[f"{prefix}:{name}"] = get_provenance(site["log_prob"])
             if prefix == "guide" and not site["is_observed"]:
                 guide_deps[name] = get_provenance(site["value"])
+    # the contracted terms of enumerated sites depend on what any site they contract does
+    for name, taken in marginalize_trace(model_trace, guide_trace).items():
+        costs[f"model:{name}"] = frozenset().union(*(costs[f"model:{n}"] for n in taken))
     return Dependencies(guide_deps, costs, reads.sources)

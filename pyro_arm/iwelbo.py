@@ -82,6 +82,9 @@ class IWELBO(TraceARM_ELBO):
     model's parameters, reparameterized sites, and the explicit :math:`-\log q(z_k)` of every
     guide site, whose mean is not zero in this bound.
 
+    Sites marked for enumeration, in model or guide, raise :class:`NotImplementedError` naming
+    the site (the bound does not sum them out).
+
     **Cost.** A particle runs model and guide :math:`K` times (plus the branches), and the
     leave-one-out bounds hold :math:`K^2` values per datapoint, so :math:`K` is bounded by
     :data:`pyro_arm.estimators.MAX_NUM_SAMPLES` (10,000): beyond it a step would not finish.
@@ -122,6 +125,8 @@ class IWELBO(TraceARM_ELBO):
         self.estimator = estimators[estimator]
         self.num_samples, self.num_members = num_samples, num_members
         self.model_grad = "base"
+
+    _sums_out_enumeration = False
 
     def _tracks_dependencies(self) -> bool:
         return False

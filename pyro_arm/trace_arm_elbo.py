@@ -11,11 +11,17 @@ import torch
 from pyro.infer.elbo import ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_item
-from pyro.util import check_if_enumerated, warn_if_inf, warn_if_nan
+from pyro.util import warn_if_inf, warn_if_nan
 
 from pyro_arm.baselines import baseline_options, leave_one_out, site_baseline
 from pyro_arm.batching import batched_pass_errors
 from pyro_arm.costs import LogPMessenger, detached, model_costs
+from pyro_arm.enum import (
+    EnumerationCheck,
+    Unenumerated,
+    enumerated,
+    marginalize_trace,
+)
 from pyro_arm.estimators import check_num_samples, get_estimator
 from pyro_arm.executors import BranchExecutor
 from pyro_arm.multisample import rloo_weights
@@ -94,6 +100,16 @@ class TraceARM_ELBO(ELBO):
     values, reparameterized sites are pathwise, and observed guide sites (``pyro.factor``) enter
     the cost and their own pathwise gradient.
 
+    **Enumeration.** Model sites marked ``infer={"enumerate": "parallel"}`` (as
+    ``config_enumerate`` marks them) that the guide does not sample are summed out exactly, as in
+    :class:`~pyro.infer.traceenum_elbo.TraceEnum_ELBO`: :math:`f` is then
+    :math:`\log p(x, z) - \log q(z \mid x)` with the enumerated variables summed out, one
+    contracted term per plate set, so that signals stay plate-local where the enumerated
+    variables are local to a plate (:mod:`pyro_arm.enum`). Enumeration dims sit left of every
+    plate, those over particles and branches included. Guide sites marked for enumeration and
+    ``"sequential"`` model sites raise :class:`NotImplementedError` naming the site; no site
+    marked for enumeration is sampled.
+
     **Low precision.** With half-precision logits (``bfloat16``, ``float16``, as
     ``torch.autocast`` makes them) the uniforms are drawn and compared, and the estimator weights
     computed, in float32 (:func:`~pyro_arm.estimators.working_dtype`); a site written with
@@ -112,7 +128,7 @@ class TraceARM_ELBO(ELBO):
     :param int num_particles: number of particles (samples) averaged in the estimate; a
         positive integer, else :class:`ValueError`.
     :param int max_plate_nesting: bound on nested :class:`pyro.plate` contexts; guessed by running
-        model and guide once when vectorizing and left unset.
+        model and guide once when vectorizing or enumerating and left unset.
     :param bool vectorize_particles: run particles and antithetic branches as batched passes;
         requires a structure that does not depend on sampled values (violations raise
         :class:`NotImplementedError` naming the site).
@@ -167,6 +183,8 @@ class TraceARM_ELBO(ELBO):
         )
         #: runs the branches, batched where that is proven equivalent to running them looped
         self.executor = BranchExecutor()
+        #: (model, guide) -> True where the model has sites to sum out by enumeration
+        self._enumerating: dict = {}
 
     @property
     def runs(self) -> int:
@@ -189,25 +207,51 @@ class TraceARM_ELBO(ELBO):
         """
         Returns a single trace from the guide, and the model that is run against it, as
         :class:`~pyro.infer.trace_elbo.Trace_ELBO` does; the guide it is given draws its
-        Bernoulli sites with a :class:`~pyro_arm.sampler.SampleMessenger`.
+        Bernoulli sites with a :class:`~pyro_arm.sampler.SampleMessenger`. A site marked for
+        enumeration raises :class:`NotImplementedError` (:mod:`pyro_arm.enum`).
         """
         nesting = self.max_plate_nesting
         if self.vectorize_particles:
             nesting = self._user_nesting() + int(self.runs > 1)
+        check = EnumerationCheck(type(self).__name__, self._sums_out_enumeration)
+        model, guide = check.model(model), check.guide(guide)
         model_trace, guide_trace = get_importance_trace("flat", nesting, model, guide, args, kwargs)
-        if is_validation_enabled():
-            check_if_enumerated(guide_trace)
+        marginalize_trace(model_trace, guide_trace)
         return model_trace, guide_trace
 
     def _particles(self, model, guide, args, kwargs) -> list[Particle]:
-        """The base runs of one call: one particle each, or all as one when vectorized."""
+        """
+        The base runs of one call: one particle each, or all as one when vectorized. A model
+        found to mark sites for parallel enumeration runs enumerated from then on (the call's
+        base runs start again).
+        """
+        try:
+            return self._base_runs(model, guide, args, kwargs)
+        except Unenumerated:
+            self._enumerating[(model, guide)] = True
+        try:
+            return self._base_runs(model, guide, args, kwargs)
+        except Unenumerated as exc:
+            raise NotImplementedError(
+                f"At site '{exc}': the model site is marked for parallel enumeration, and Pyro's "
+                "enumeration did not enumerate it"
+            ) from None
+
+    def _base_runs(self, model, guide, args, kwargs) -> list[Particle]:
         vectorized = self.vectorize_particles
-        if vectorized:
+        enumerates = self._enumerating.get((model, guide), False)
+        if vectorized or enumerates:
             if self.max_plate_nesting == float("inf"):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
-            if self.runs > 1:
-                plate = pyro.plate("num_particles_vectorized", self.runs, dim=self._particle_dim())
-                model, guide = plate(model), plate(guide)
+        nesting = None
+        if enumerates:
+            nesting = self._user_nesting()
+        if vectorized and self.runs > 1:
+            plate = pyro.plate("num_particles_vectorized", self.runs, dim=self._particle_dim())
+            model, guide = plate(model), plate(guide)
+            nesting = None if nesting is None else nesting + 1
+        if nesting is not None:  # enumeration outside the plate over particles, as in Pyro
+            model = enumerated(model, nesting)
         context = ParticleContext(
             model,
             guide,
@@ -236,6 +280,9 @@ class TraceARM_ELBO(ELBO):
             for particle in particles:
                 particle.track_dependencies()
         return particles
+
+    #: whether the ELBO sums out the model sites marked for parallel enumeration
+    _sums_out_enumeration = True
 
     def _replicas_share_subsamples(self) -> bool:
         """Whether the replicas of a particle reuse its first replica's plate subsamples."""

@@ -209,16 +209,6 @@ def test_invalid_distribution_parameter(mode):
 
 
 @pytest.mark.parametrize("mode", MODES, ids=mode_id)
-def test_enumerated_guide_site_warns(mode):
-    def guide(data):
-        phi = pyro.param("phi", torch.zeros(2))
-        with pyro.plate("data", 2):
-            pyro.sample("z", dist.Bernoulli(logits=phi), infer={"enumerate": "parallel"})
-
-    assert_same_behaviour(base_model, guide, expect="warn", **mode)
-
-
-@pytest.mark.parametrize("mode", MODES, ids=mode_id)
 def test_nan_loss_warns(mode):
     def model(data):
         base_model(data)

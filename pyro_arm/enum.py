@@ -1,0 +1,280 @@
+# SPDX-License-Identifier: Apache-2.0
+"""
+Sites marked for enumeration (``infer={"enumerate": ...}``, as
+:func:`~pyro.infer.enum.config_enumerate` marks them).
+
+**Model sites marked** ``"parallel"`` that the guide does not sample are summed out exactly, as
+:class:`~pyro.infer.traceenum_elbo.TraceEnum_ELBO` does: :func:`enumerated` runs the model under
+Pyro's :class:`~pyro.poutine.enum_messenger.EnumMessenger`, its enumeration dims left of every
+plate (the plates of particles and branches included), and the log-densities that depend on an
+enumerated value (the enumerated sites' own, and those of later sites that read them) are
+contracted with :func:`~pyro.ops.contract.contract_tensor_tree`, the enumeration dims summed out
+and each plate kept as far as the enumerated variables are local to it:
+
+.. math::
+
+    \\log p(x, z) = \\sum_{f \\notin F} \\log p_f(x, z)
+        + s \\sum_t \\log \\sum_{c} \\prod_{f \\in F_t} p_f(x, z, c),
+
+:math:`F` the contracted factors, one term per plate set :math:`t` (its products over the
+plates inside :math:`t` taken by the contraction; a mixture assignment per datapoint gives one
+term per datapoint), :math:`s` the common subsample scale. These terms replace the contracted
+sites among a run's cost terms (:func:`marginalize_trace` for the traces of a base run,
+:class:`MarginalMessenger` for the lean runs of :mod:`pyro_arm.costs`), so every signal and the
+ELBO see :math:`\\log p(x, z)` with the enumerated variables summed out.
+
+**Guide sites marked for enumeration, and** ``"sequential"`` **model sites**, raise
+:class:`NotImplementedError` naming the site before it is sampled (:class:`EnumerationCheck`):
+no site marked for enumeration is ever sampled.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Container, Optional
+
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.ops import packed
+from pyro.ops.contract import contract_tensor_tree
+from pyro.poutine import Trace
+from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.indep_messenger import IndepMessenger
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import _PYRO_STACK
+
+from pyro_arm.reads import unguarded
+from pyro_arm.sites import is_subsample_site
+
+#: The name prefix of the sites that hold the contracted log-densities in a marginalized trace.
+MARGINAL_PREFIX = "_enumerated_"
+
+
+def enumeration(site: dict) -> Optional[str]:
+    """The enumeration a latent sample site is marked for (``"parallel"``, ``"sequential"``), or
+    ``None``."""
+    if site["type"] != "sample" or site["is_observed"]:
+        return None
+    return (site.get("infer") or {}).get("enumerate") or None
+
+
+class Unenumerated(Exception):
+    """A model site marked for parallel enumeration, outside the guide, that no enumeration
+    handler enumerated (the model runs without :func:`enumerated`)."""
+
+
+class EnumerationCheck:
+    """
+    Checks the sites marked for enumeration in one run of guide (:meth:`guide`) and model
+    (:meth:`model`), before they are sampled: a guide site marked for enumeration, or a model
+    site outside the guide marked ``"sequential"``, raises :class:`NotImplementedError` naming
+    it and the ELBO (``elbo``); a model site outside the guide marked ``"parallel"`` and not
+    enumerated raises :class:`Unenumerated` where the ELBO sums such sites out
+    (``sums_out``), else :class:`NotImplementedError`.
+    """
+
+    def __init__(self, elbo: str, sums_out: bool) -> None:
+        self.elbo, self.sums_out = elbo, sums_out
+        self.guide_sites: set[str] = set()
+
+    def guide(self, fn: Callable) -> Callable:
+        return _GuideCheck(self)(fn)
+
+    def model(self, fn: Callable) -> Callable:
+        return _ModelCheck(self)(fn)
+
+    def refuse(self, msg: dict, where: str) -> NotImplementedError:
+        sums = "sums out model sites marked 'parallel'" if self.sums_out else "sums out none"
+        return NotImplementedError(
+            f"At site '{msg['name']}': the {where} site is marked for enumeration "
+            f"(infer={{'enumerate': {enumeration(msg)!r}}}), which {self.elbo} does not sum out "
+            f"(it {sums}); sampling it instead would change the objective. Use "
+            "pyro.infer.TraceEnum_ELBO, or remove the mark (config_enumerate, "
+            "infer['enumerate']) to sample it"
+        )
+
+
+class _GuideCheck(Messenger):
+    def __init__(self, check: EnumerationCheck) -> None:
+        super().__init__()
+        self.check = check
+
+    def _pyro_sample(self, msg) -> None:
+        self.check.guide_sites.add(msg["name"])
+        if enumeration(msg):
+            raise self.check.refuse(msg, "guide")
+
+
+class _ModelCheck(Messenger):
+    """Sees each model site after the handlers inside it (enumeration included) and before
+    the replay of the guide's values outside it."""
+
+    def __init__(self, check: EnumerationCheck) -> None:
+        super().__init__()
+        self.check = check
+
+    def _pyro_sample(self, msg) -> None:
+        kind = enumeration(msg)
+        if kind is None or msg["name"] in self.check.guide_sites:
+            return
+        if kind == "parallel" and msg["infer"].get("_enumerate_dim") is not None:
+            return
+        if kind == "parallel" and self.check.sums_out:
+            raise Unenumerated(msg["name"])
+        raise self.check.refuse(msg, "model")
+
+
+def enumerated(model: Callable, nesting: int) -> Callable:
+    """
+    ``model`` with its sites marked ``"parallel"`` enumerated by Pyro's
+    :class:`~pyro.poutine.enum_messenger.EnumMessenger`, the enumeration dims left of the
+    model's ``nesting`` plates and of every plate active when it is called.
+    """
+
+    def enumerated_model(*args, **kwargs):
+        dims = [m.dim for m in _PYRO_STACK if isinstance(m, IndepMessenger) and m.dim is not None]
+        first = min([-nesting - 1] + [dim - 1 for dim in dims])
+        with EnumMessenger(first_available_dim=first):
+            return model(*args, **kwargs)
+
+    return enumerated_model
+
+
+class _Contraction:
+    """
+    Tells, site by site in the order a run meets them, which sites a contraction takes (the
+    enumerated sites and those whose log-density depends on an enumerated value), and
+    contracts them.
+
+    :param replayed: names of the sites whose values the guide gives (never enumerated).
+    """
+
+    def __init__(self, replayed: Container[str]) -> None:
+        self.replayed = replayed
+        self.enum_dims: set[int] = set()
+        self.sites: list[dict] = []
+
+    def take(self, site: dict) -> bool:
+        """Whether the contraction takes ``site`` (a message or trace node), keeping what it
+        needs: its unscaled, masked log-density, plates and scale."""
+        if site["type"] != "sample" or is_subsample_site(site):
+            return False
+        dim = (site.get("infer") or {}).get("_enumerate_dim")
+        is_enumerated = dim is not None and site["name"] not in self.replayed
+        if not is_enumerated and not self.enum_dims:
+            return False
+        log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+        if not is_enumerated:
+            shape = log_prob.shape
+            if not any(-d <= len(shape) and shape[d] > 1 for d in self.enum_dims):
+                return False
+        else:
+            self.enum_dims.add(dim)
+        frames = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
+        with unguarded():
+            log_prob = scale_and_mask(log_prob, 1.0, site["mask"])
+        self.sites.append(dict(name=site["name"], log_prob=log_prob, frames=frames))
+        self.sites[-1]["scale"] = site["scale"]
+        return True
+
+    def terms(self) -> list[tuple[tuple, torch.Tensor]]:
+        """The contracted log-densities, ``(plates, tensor)``, one per plate set."""
+        if not self.sites:
+            return []
+        with unguarded():
+            return self._contract()
+
+    def _contract(self) -> list[tuple[tuple, torch.Tensor]]:
+        scales = {float(site["scale"]) for site in self.sites}
+        if len(scales) != 1 or any(
+            torch.is_tensor(site["scale"]) and site["scale"].dim() for site in self.sites
+        ):
+            raise ValueError(
+                "Expected the enumerated sites and the sites that depend on them to share one "
+                f"scalar poutine.scale (subsample scale), got {sorted(scales)}"
+            )
+        scale = self.sites[0]["scale"]
+        frames = sorted({f for site in self.sites for f in site["frames"]})
+        symbol = {f: chr(ord("a") + i) for i, f in enumerate(frames)}
+        enum_symbol = {d: chr(ord("A") + i) for i, d in enumerate(sorted(self.enum_dims))}
+        symbol_to_dim = {s: d for d, s in enum_symbol.items()}
+        symbol_to_dim.update((s, f.dim) for f, s in symbol.items())
+        tree: OrderedDict = OrderedDict()
+        for site in self.sites:
+            ordinal = frozenset(symbol[f] for f in site["frames"])
+            dim_to_symbol = dict(enum_symbol)
+            dim_to_symbol.update((f.dim, symbol[f]) for f in site["frames"])
+            tree.setdefault(ordinal, []).append(packed.pack(site["log_prob"], dim_to_symbol))
+        frame_of = {s: f for f, s in symbol.items()}
+        scaled = not (isinstance(scale, float) and scale == 1.0)
+        terms = []
+        for ordinal, contracted in contract_tensor_tree(tree, set(enum_symbol.values())).items():
+            stack = tuple(frame_of[s] for s in sorted(ordinal))
+            depth = max([-f.dim for f in stack], default=0)
+            for term in contracted:
+                term = packed.unpack(term, symbol_to_dim)
+                term = term.reshape((1,) * (depth - term.dim()) + term.shape)
+                terms.append((stack, term * scale if scaled else term))
+        return terms
+
+
+class MarginalMessenger(Messenger):
+    """
+    Takes, as a run of the model goes, the sites that a contraction sums over
+    (:attr:`names`: the enumerated sites outside ``replayed`` and the sites that depend on
+    them); :meth:`terms` gives their contracted log-densities. Outside every other cost
+    handler of the run, it sees each site first once it is complete.
+    """
+
+    def __init__(self, replayed: Container[str]) -> None:
+        super().__init__()
+        self.contraction = _Contraction(replayed)
+        self.names: set[str] = set()
+
+    def _pyro_post_sample(self, msg) -> None:
+        if self.contraction.take(msg):
+            self.names.add(msg["name"])
+
+    def terms(self) -> list[tuple[tuple, torch.Tensor]]:
+        return self.contraction.terms()
+
+
+def marginalize_trace(model_trace: Trace, replayed: Container[str]) -> dict[str, list[str]]:
+    """
+    Replaces the sites of ``model_trace`` that a contraction sums over by observed sites that
+    hold the contracted log-densities (named with :data:`MARGINAL_PREFIX`, one per plate set,
+    ``log_prob`` and ``log_prob_sum`` computed), and returns each new site's name with the
+    sites it replaces (every contracted site: the terms share them).
+    """
+    contraction = _Contraction(replayed)
+    taken = [name for name, site in model_trace.nodes.items() if contraction.take(site)]
+    if not taken:
+        return {}
+    terms = contraction.terms()
+    for name in taken:
+        model_trace.remove_node(name)
+    replaced = {}
+    for i, (stack, term) in enumerate(terms):
+        name = f"{MARGINAL_PREFIX}{i}"
+        model_trace.add_node(
+            name,
+            type="sample",
+            name=name,
+            fn=None,
+            value=term,
+            is_observed=True,
+            args=(),
+            kwargs={},
+            infer={},
+            scale=1.0,
+            mask=None,
+            cond_indep_stack=stack,
+            done=True,
+            stop=False,
+            continuation=None,
+            log_prob=term,
+            unscaled_log_prob=term,
+            log_prob_sum=term.sum(),
+        )
+        replaced[name] = taken
+    return replaced
