@@ -2,13 +2,14 @@
 # Sets up a virtual environment (CPU torch first, then the project with every extra) and runs
 # ruff, the check that the fast tier runs every estimator on every model family
 # (scripts/check_fast_tier.py), the tests and the docs build (warnings are errors).
-#   bash scripts/test.sh          the fast tier: pytest -m "not slow" (a budget of 3 minutes on 2 cores)
+#   bash scripts/test.sh          the fast tier: pytest -m "not slow" on 2 processes (a budget of
+#                                 3 minutes on 2 cores)
 #   bash scripts/test.sh --full   every test, on 2 processes (pytest-xdist; the tests of one
 #                                 xdist_group, such as the installed wheel's, share a process)
 # Other arguments go to pytest. Which tests are slow is decided in tests/conftest.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TIER=(-x -m "not slow")
+TIER=(-x -m "not slow" -n 2 --dist loadgroup)
 ARGS=()
 for arg in "$@"; do
     if [ "$arg" = --full ]; then TIER=(-n 2 --dist loadgroup); else ARGS+=("$arg"); fi

@@ -2,11 +2,11 @@
 """
 Fixtures shared by the tests, and the one place that splits them into two tiers.
 
-- The **fast tier**, ``pytest -m "not slow"`` (``bash scripts/test.sh``), covers every module in
-  a budget of three minutes on two cores: every estimator on every tiny model against exact
-  enumeration, vectorized at the checker's smallest size, and one case sequential per family
-  (``scripts/check_fast_tier.py`` checks the coverage); the CLI end to end on a few steps; one
-  ``torchrun`` launch.
+- The **fast tier**, ``pytest -m "not slow"`` (``bash scripts/test.sh``, on two processes),
+  covers every module in a budget of three minutes on two cores: every estimator on every tiny
+  model against exact enumeration, vectorized at the checker's smallest size, and one case
+  sequential per family (``scripts/check_fast_tier.py`` checks the coverage); the CLI end to end
+  on a few steps.
 - The **full tier**, ``pytest`` (``bash scripts/test.sh --full``, ``.ci/run``), adds the tests
   marked ``slow``: those with ``@pytest.mark.slow`` in their file, and those whose node ids match
   :data:`SLOW` below (Monte Carlo checks at the larger sizes and in sequential mode, power checks
@@ -64,7 +64,7 @@ SLOW = (
     # variance comparisons: the fast tier keeps ARM against the score function and DisARM
     # against ARM
     r"test_variance\.py::(?!test_arm_variance_well_below|test_disarm_variance_below_arm)",
-    # processes: the fast tier keeps one torchrun launch (two ranks training under DDP)
+    # processes: torchrun launches and DDP runs are in the full tier
     r"test_distributed\.py::test_trace_arm_elbo_in_ddp\[",
     r"test_distributed\.py::test_train_two_ranks_rank0_writes",
     r"test_distributed\.py::test_torchrun_resume_is_exact",
@@ -85,6 +85,21 @@ SLOW = (
     # model, vectorized, and one sequential
     r"test_enum\.py::test_unbiased_enumerated\[(?!mixture-arm-vec|global-ar-vec|"
     r"chain-disarm-vec|categorical-arms-vec|mixture-disarm-seq)",
+    # the fast tier's budget (3 minutes on 2 cores): its longest checks run in the full tier
+    r"test_executors\.py::test_read_starting_after_some_calls_unbiased",
+    r"test_executors\.py::test_checker_rejects_batching_regardless",
+    r"test_distributed\.py::test_torchrun_trains_on_two_ranks",
+    r"test_iwelbo\.py::test_a_weight_per_datapoint_sequential",
+    r"test_iwelbo\.py::test_checker_rejects_joint_bound_where_local",
+    r"test_categorical\.py::test_checker_rejects_explicit_log_q_kept",
+    r"test_trace_arm_elbo\.py::test_checker_detects_branch_subsample_not_reused",
+    r"test_trace_arm_elbo\.py::test_value_dependent_structure_sequential",
+    r"test_config\.py::test_import_pyro_arm_is_light",
+    r"test_rundir\.py::test_resume_refuses_a_checkpoint_of_another_run",
+    r"test_storchastic\.py::test_storch_arm_second_layer_is_biased",
+    r"test_multisample_elbo\.py::test_checker_rejects_site_baseline_including_own_sample",
+    r"test_train_failures\.py::test_out_of_memory_in_a_step_keeps_the_last_checkpoint\[(cuda|python)\]",
+    r"test_train_failures\.py::test_threads_is_applied_and_recorded",
 )
 _SLOW = re.compile("|".join(f"(?:{pattern})" for pattern in SLOW))
 
