@@ -11,6 +11,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
+from tests.iw_models import categorical_bernoulli as beside_bernoulli
 from tests.tiny_models import t
 
 
@@ -84,26 +85,6 @@ def expand_to_event():
     def guide(data):
         cl = pyro.param("cl", t(0.3, -0.4, 0.2))
         pyro.sample("c", dist.Categorical(logits=cl).expand([2]).to_event(1))
-
-    return model, guide, (data,)
-
-
-def beside_bernoulli():
-    """A Categorical and a Bernoulli per datapoint, the Bernoulli's logits reading the class."""
-    data = t(1.0, 0.0)
-
-    def model(data):
-        with pyro.plate("data", 2):
-            c = pyro.sample("c", dist.Categorical(logits=t(0.1, -0.2, 0.3)))
-            z = pyro.sample("z", dist.Bernoulli(logits=t(-1.0, 0.0, 1.0)[c]))
-            pyro.sample("x", dist.Bernoulli(logits=2.0 * z - 1.0 + 0.5 * c), obs=data)
-
-    def guide(data):
-        cl = pyro.param("cl", t([0.4, -0.2, 0.1], [-0.3, 0.6, 0.0]))
-        zl = pyro.param("zl", t(0.5, -0.5, 0.2))
-        with pyro.plate("data", 2):
-            c = pyro.sample("c", dist.Categorical(logits=cl))
-            pyro.sample("z", dist.Bernoulli(logits=zl[c]))
 
     return model, guide, (data,)
 

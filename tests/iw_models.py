@@ -104,8 +104,8 @@ def global_and_local():
 @_form("local")
 def categorical_bernoulli():
     """
-    A Categorical site of three classes per datapoint (a score-function site for every
-    estimator), then a Bernoulli site reading it (36 leaves).
+    A Categorical site of three classes per datapoint, then a Bernoulli site reading it (36
+    leaves); also the "beside a Bernoulli" case of :mod:`tests.categorical_models`.
     """
     data = t(1.0, 0.0)
 
