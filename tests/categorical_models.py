@@ -126,14 +126,11 @@ def subsampled():
 
 
 CASES = {
-    f.__name__: f
-    for f in [
-        amortized,
-        one_hot_probs,
-        two_dependent,
-        expand_to_event,
-        beside_bernoulli,
-        masked,
-        subsampled,
-    ]
+    "amortized": amortized,
+    "one_hot_probs": one_hot_probs,
+    "two_dependent": two_dependent,
+    "expand_to_event": expand_to_event,
+    "beside_bernoulli": beside_bernoulli,
+    "masked": masked,
+    "subsampled": subsampled,
 }
