@@ -17,9 +17,11 @@ from pyro_arm.baselines import baseline_options, leave_one_out, site_baseline
 from pyro_arm.batching import batched_pass_errors
 from pyro_arm.costs import LogPMessenger, detached, model_costs
 from pyro_arm.enum import (
+    Enumeration,
     EnumerationCheck,
+    Expectation,
     Unenumerated,
-    enumerated,
+    expect_traces,
     marginalize_trace,
 )
 from pyro_arm.estimators import check_num_samples, get_estimator
@@ -100,15 +102,17 @@ class TraceARM_ELBO(ELBO):
     values, reparameterized sites are pathwise, and observed guide sites (``pyro.factor``) enter
     the cost and their own pathwise gradient.
 
-    **Enumeration.** Model sites marked ``infer={"enumerate": "parallel"}`` (as
-    ``config_enumerate`` marks them) that the guide does not sample are summed out exactly, as in
-    :class:`~pyro.infer.traceenum_elbo.TraceEnum_ELBO`: :math:`f` is then
-    :math:`\log p(x, z) - \log q(z \mid x)` with the enumerated variables summed out, one
-    contracted term per plate set, so that signals stay plate-local where the enumerated
-    variables are local to a plate (:mod:`pyro_arm.enum`). Enumeration dims sit left of every
-    plate, those over particles and branches included. Guide sites marked for enumeration and
-    ``"sequential"`` model sites raise :class:`NotImplementedError` naming the site; no site
-    marked for enumeration is sampled.
+    **Enumeration.** Sites marked ``infer={"enumerate": "parallel"}`` (as ``config_enumerate``
+    marks them) are summed out exactly, as in :class:`~pyro.infer.traceenum_elbo.TraceEnum_ELBO`
+    (:mod:`pyro_arm.enum`). In the model, :math:`f` is :math:`\log p(x, z) - \log q(z \mid x)`
+    with the enumerated variables summed out, one contracted term per plate set; in the guide,
+    each cost term that an enumerated value :math:`c` reaches becomes its expectation
+    :math:`\sum_c q(c \mid \cdot)\, t(c)` per plate element, differentiated exactly. So the
+    other sites' signals come from the summed-out cost and stay plate-local where the enumerated
+    variables are local to a plate. Enumeration dims sit left of every plate, those over
+    particles and branches included. A discrete guide site sampled from an enumerated guide
+    value, and ``"sequential"`` sites, raise :class:`NotImplementedError` naming the site; no
+    site marked for enumeration is sampled.
 
     **Low precision.** With half-precision logits (``bfloat16``, ``float16``, as
     ``torch.autocast`` makes them) the uniforms are drawn and compared, and the estimator weights
@@ -217,6 +221,7 @@ class TraceARM_ELBO(ELBO):
         model, guide = check.model(model), check.guide(guide)
         model_trace, guide_trace = get_importance_trace("flat", nesting, model, guide, args, kwargs)
         marginalize_trace(model_trace, guide_trace)
+        expect_traces(model_trace, guide_trace)
         return model_trace, guide_trace
 
     def _particles(self, model, guide, args, kwargs) -> list[Particle]:
@@ -251,7 +256,8 @@ class TraceARM_ELBO(ELBO):
             model, guide = plate(model), plate(guide)
             nesting = None if nesting is None else nesting + 1
         if nesting is not None:  # enumeration outside the plate over particles, as in Pyro
-            model = enumerated(model, nesting)
+            enumeration = Enumeration(nesting)
+            model, guide = enumeration.model(model), enumeration.guide(guide)
         context = ParticleContext(
             model,
             guide,
@@ -464,6 +470,7 @@ def _model_log_p(particle: Particle) -> torch.Tensor:
             MultiFrameTensor(),
             detached(particle.sampler.values),
             log_p,
+            Expectation.of_trace(particle.guide_trace),
         )
     return torch.as_tensor(log_p.log_p)
 
