@@ -226,21 +226,26 @@ class TraceARM_ELBO(ELBO):
 
     def _particles(self, model, guide, args, kwargs) -> list[Particle]:
         """
-        The base runs of one call: one particle each, or all as one when vectorized. A model
-        found to mark sites for parallel enumeration runs enumerated from then on (the call's
-        base runs start again).
+        The base runs of one call: one particle each, or all as one when vectorized. A model or
+        guide found to mark sites for parallel enumeration runs enumerated from then on; on its
+        first call, the base runs start again from the random state they started from.
         """
+        key = (model, guide)
+        state = None if key in self._enumerating else _rng_state()
         try:
-            return self._base_runs(model, guide, args, kwargs)
-        except Unenumerated:
-            self._enumerating[(model, guide)] = True
+            particles = self._base_runs(model, guide, args, kwargs)
+            self._enumerating.setdefault(key, False)
+            return particles
+        except Unenumerated as exc:
+            if self._enumerating.get(key):
+                raise _not_enumerated(exc) from None
+            self._enumerating[key] = True
+            if state is not None:
+                _set_rng_state(state)
         try:
             return self._base_runs(model, guide, args, kwargs)
         except Unenumerated as exc:
-            raise NotImplementedError(
-                f"At site '{exc}': the model site is marked for parallel enumeration, and Pyro's "
-                "enumeration did not enumerate it"
-            ) from None
+            raise _not_enumerated(exc) from None
 
     def _base_runs(self, model, guide, args, kwargs) -> list[Particle]:
         vectorized = self.vectorize_particles
@@ -520,7 +525,30 @@ def _warn_if_not_finite(values: list[tuple[str, torch.Tensor]]) -> None:
             warn_if_inf(value, what)
 
 
+def _not_enumerated(exc: Unenumerated) -> NotImplementedError:
+    return NotImplementedError(
+        f"At site '{exc}': the site is marked for parallel enumeration, and Pyro's enumeration "
+        "did not enumerate it"
+    )
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
+def _rng_state() -> tuple:
+    """The state of the random number generators of the CPU and of any initialised CUDA
+    device."""
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in _cuda_devices()]
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for device, cuda_state in zip(_cuda_devices(), cuda):
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
 def _fork_rng():
     """Forks the random number generators of the CPU and of any initialised CUDA device."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    return torch.random.fork_rng(devices=devices)
+    return torch.random.fork_rng(devices=_cuda_devices())
