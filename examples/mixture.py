@@ -370,6 +370,13 @@ def main(args):
             f"({ms[name] / ms[reference]:.2f}x; first step {1e3 * run['step_times'][0]:.0f} ms), "
             f"exact ELBO at 1/4, 1/2, all of the time: {quarter:.3f} {half:.3f} {elbo:.3f}"
         )
+    print("  gap to the best ELBO found over the second half of the time (nats):")
+    for name, run in runs.items():
+        gaps = torch.tensor([best - e for s, _, e in run["curve"] if s >= args.seconds / 2])
+        print(
+            f"  {name:30s} mean {gaps.mean():.3f}, from {gaps.min():.3f} to {gaps.max():.3f} "
+            f"({len(gaps)} points)"
+        )
 
     # 3. gradient variance at the points that DisARM's and TraceEnum_ELBO's trainings reached
     variances = [("initial point", init[1])]
