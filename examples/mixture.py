@@ -12,6 +12,9 @@ datapoint: an outlier indicator that inflates the datapoint's scale,
     outlier_n ~ Bernoulli(outlier_prob),  assignment_n ~ Categorical(weights),
     x_n ~ Normal(locs[assignment_n], scale * inflation^outlier_n).
 
+(The tutorial's Dirichlet(0.5) prior on the weights has no MAP: its density grows without bound
+as a weight goes to 0.)
+
 The guide is the tutorial's: ``AutoDelta`` (MAP) for the globals, no guide site for the
 assignment (summed out in the model, ``infer={"enumerate": "parallel"}``); and one free
 Bernoulli logit per datapoint for the outlier indicator. The data are synthetic, drawn from the
