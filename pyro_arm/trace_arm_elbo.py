@@ -80,8 +80,8 @@ class TraceARM_ELBO(ELBO):
     (:mod:`pyro_arm.executors`): a pass that reads a sampled value into Python (``bool``,
     ``.item()``, ``.tolist()``, ``.numpy()``, ``torch.equal``, value-dependent shapes;
     :mod:`pyro_arm.reads`) is abandoned for the looped branches, and a code path not met before
-    is checked against the looped branches first. Where the branches run one by one their cost grows with the square of the
-    number of sites, which a warning says once for large models.
+    is checked against the looped branches first. Where the branches run one by one their cost
+    grows with the square of the number of sites, which a warning says once for large models.
 
     **Plate-local signals.** Each cost term is summed down to the plates it shares with site
     :math:`t`, so datapoint :math:`n`'s logits are driven by datapoint :math:`n`'s terms. Where a
