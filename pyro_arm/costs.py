@@ -190,13 +190,22 @@ def run_costs(model, guide, args, kwargs, log_p: Optional[LogPMessenger] = None)
     gradient, the model at the guide's detached values (with ``log_p``, summing its
     log-density with gradient; else without gradient).
     """
-    costs: MultiFrameTensor = MultiFrameTensor()
-    values: dict = {}
-    expectation = Expectation()
     with pyro.validation_enabled(False):
-        with torch.no_grad(), CostMessenger(costs, -1.0, values, expectation=expectation):
-            guide(*args, **kwargs)
+        try:
+            with torch.no_grad():
+                costs, values, expectation = _guide_costs(guide, args, kwargs)
+        except RuntimeError as exc:  # a guide that differentiates inside (a Newton step)
+            if "does not require grad" not in str(exc):
+                raise
+            costs, values, expectation = _guide_costs(guide, args, kwargs)
         with unguarded():
             values = detached(values)
         model_costs(model, args, kwargs, costs, values, log_p, expectation)
     return costs
+
+
+def _guide_costs(guide, args, kwargs) -> tuple[MultiFrameTensor, dict, Expectation]:
+    costs, values, expectation = MultiFrameTensor(), {}, Expectation()
+    with CostMessenger(costs, -1.0, values, expectation=expectation):
+        guide(*args, **kwargs)
+    return costs, values, expectation

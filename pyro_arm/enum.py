@@ -101,6 +101,16 @@ class EnumerationCheck:
         )
 
 
+def _refuse_sampled_enumeration(msg: dict) -> None:
+    """Refuses Monte Carlo enumeration (``infer["num_samples"]``, tensor Monte Carlo)."""
+    if msg["infer"].get("num_samples") is not None or msg["infer"].get("tmc") is not None:
+        raise NotImplementedError(
+            f"At site '{msg['name']}': the site is marked for Monte Carlo enumeration "
+            "(infer['num_samples']), which TraceARM_ELBO does not do: it sums enumerated sites "
+            "out exactly. Use TraceEnum_ELBO, or drop num_samples to enumerate the support"
+        )
+
+
 class _GuideCheck(Messenger):
     """Sees each guide site after the handlers inside it (enumeration included)."""
 
@@ -113,6 +123,7 @@ class _GuideCheck(Messenger):
         kind = enumeration(msg)
         if kind is None:
             return
+        _refuse_sampled_enumeration(msg)
         if kind == "parallel" and self.check.sums_out:
             if msg["infer"].get("_enumerate_dim") is None:
                 raise Unenumerated(msg["name"])
@@ -132,6 +143,7 @@ class _ModelCheck(Messenger):
         kind = enumeration(msg)
         if kind is None or msg["name"] in self.check.guide_sites:
             return
+        _refuse_sampled_enumeration(msg)
         if kind == "parallel" and msg["infer"].get("_enumerate_dim") is not None:
             return
         if kind == "parallel" and self.check.sums_out:
@@ -228,15 +240,16 @@ class _Contraction:
             return False
         log_prob = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
         if not is_enumerated:
+            # masked inside the sum, as in TraceEnum_ELBO; the mask may read an enumerated value
+            with unguarded():
+                log_prob = scale_and_mask(log_prob, 1.0, site["mask"])
             shape = log_prob.shape
             if not any(-d <= len(shape) and shape[d] > 1 for d in self.enum_dims):
                 return False
-        else:
+        else:  # the enumerated site's own probabilities sum to one, masked or not
             self.enum_dims.add(dim)
             self.enum_ids.add(infer["_dim_to_id"][dim])
         frames = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
-        with unguarded():
-            log_prob = scale_and_mask(log_prob, 1.0, site["mask"])
         self.sites.append(dict(name=site["name"], log_prob=log_prob, frames=frames, infer=infer))
         self.sites[-1]["scale"] = site["scale"]
         return True
@@ -376,7 +389,7 @@ class Expectation:
     """
 
     def __init__(self) -> None:
-        self.factors: list[tuple[frozenset, torch.Tensor]] = []
+        self.factors: list[tuple[frozenset, torch.Tensor, int]] = []
         self.dims: set[int] = set()
 
     def __bool__(self) -> bool:
@@ -396,7 +409,7 @@ class Expectation:
         if site["type"] != "sample" or site["is_observed"] or dim is None:
             return
         log_q = site["fn"].score_parts(site["value"], *site["args"], **site["kwargs"])
-        self.factors.append((_plates(site["cond_indep_stack"]), log_q.score_function))
+        self.factors.append((_plates(site["cond_indep_stack"]), log_q.score_function, dim))
         self.dims.add(dim)
 
     def __call__(self, value, stack: tuple, grad: bool = True):
@@ -409,9 +422,15 @@ class Expectation:
         if not dims:
             return value
         plates = _plates(stack)
-        factors = [log_q for frames, log_q in self.factors if frames <= plates]
-        if not factors:
-            return value
+        for dim in dims:
+            if not any(frames <= plates for frames, _, d in self.factors if d == dim):
+                raise NotImplementedError(
+                    "A cost term outside the plates of a site enumerated in the guide depends on "
+                    "its value (a site summed out in the model, more global than the guide's "
+                    "enumerated site, reads it); as TraceEnum_ELBO, TraceARM_ELBO needs model "
+                    "enumeration no more global than guide enumeration"
+                )
+        factors = [log_q for frames, log_q, _ in self.factors if frames <= plates]
         with unguarded():
             log_w = sum(factors)
             w = log_w.exp() if grad else log_w.detach().exp()

@@ -181,7 +181,10 @@ class Particle:
     def plan(self) -> list[tuple[str, int]]:
         """The branches ``(site, k)`` of the particle, in the guide's order."""
         draws = self.context.estimator.num_draws(self.context.num_samples)
-        score = set(self.score_sites()) if draws > 1 else set()
+        score = set()
+        if draws > 1:  # sites of a pure score function (a partly reparameterized one: one draw)
+            nodes = self.guide_trace.nodes
+            score = {n for n in self.score_sites() if not nodes[n]["fn"].has_rsample}
         branches = []
         for name in self.sampler.order:
             if name in self.samples:

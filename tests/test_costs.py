@@ -64,3 +64,34 @@ def test_lean_pass_builds_no_trace(monkeypatch):
     monkeypatch.setattr(pyro.poutine.trace_struct.Trace, "__init__", fail)
     result = run_costs(model, guide, args, {})
     assert len(result) > 0
+
+
+def newton_model(data):
+    loc = pyro.sample("loc", pyro.distributions.Normal(0.0, 10.0))
+    pyro.sample("b", pyro.distributions.Bernoulli(0.5))
+    with pyro.plate("data", len(data)):
+        pyro.sample("obs", pyro.distributions.Normal(loc, 1.0), obs=data)
+
+
+def newton_guide(data):
+    """A guide that differentiates inside (one Newton step from 0), as a Laplace guide does."""
+    p = pyro.param("p", torch.tensor(0.3), constraint=pyro.distributions.constraints.unit_interval)
+    x = torch.zeros((), requires_grad=True)
+    log_p = pyro.distributions.Normal(0.0, 10.0).log_prob(x)
+    log_p = log_p + pyro.distributions.Normal(x, 1.0).log_prob(data).sum()
+    g = torch.autograd.grad(log_p, [x], create_graph=True)[0]
+    h = torch.autograd.grad(g, [x], create_graph=True)[0]
+    pyro.sample("loc", pyro.distributions.Normal(x.detach() - g / h, 1.0))
+    pyro.sample("b", pyro.distributions.Bernoulli(p))
+
+
+def test_guide_that_differentiates_inside(float64):
+    """The branch runs, without gradient, retry such a guide with gradient: unbiased."""
+    from pyro_arm import TraceARM_ELBO
+    from tests.exact import assert_unbiased
+
+    pyro.clear_param_store()
+    data = torch.tensor([0.0, 1.0, 3.0])
+    assert_unbiased(
+        TraceARM_ELBO(num_particles=2), newton_model, newton_guide, (data,), num_samples=200
+    )

@@ -9,6 +9,7 @@ import math
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 from pyro.infer import config_enumerate
@@ -619,3 +620,81 @@ def test_guide_enumerated_inside_markov_raises():
     pyro.clear_param_store()
     with pytest.raises(NotImplementedError, match="At site 's_0'.*pyro.markov"):
         TraceARM_ELBO().loss(hmm, config_enumerate(markov_guide), torch.tensor(X))
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks, Monte Carlo enumeration and enumeration more global in the model than in the guide
+# ---------------------------------------------------------------------------------------------
+
+
+def masked_enumerated_site(data):
+    """A site enumerated under poutine.mask: its masked elements contribute nothing."""
+    with pyro.plate("data", 3), poutine.mask(mask=torch.tensor([True, True, False])):
+        y = pyro.sample("y", dist.Categorical(torch.tensor([0.3, 0.3, 0.4])))
+        pyro.sample("x", dist.Bernoulli(torch.tensor([0.2, 0.5, 0.9])[y]), obs=data)
+
+
+def mask_from_enumerated_value(data):
+    """An enumerated value that reaches the likelihood only through a mask."""
+    locs = torch.tensor([[0.0, 0.0], [0.0, 1.0], [0.0, 10.0]])
+    with pyro.plate("data", len(data), dim=-2):
+        which = pyro.sample("which", dist.Categorical(logits=torch.tensor([0.0, -1.0, 2.0])))
+        with pyro.plate("components", 3, dim=-1) as k:
+            with poutine.mask(mask=which == k):
+                obs = data.unsqueeze(-2)
+                pyro.sample("x", dist.Normal(locs, torch.tensor([2.0, 1.0])).to_event(1), obs=obs)
+
+
+@pytest.mark.parametrize(
+    "model, data",
+    [
+        (masked_enumerated_site, torch.tensor([0.0, 1.0, 1.0])),
+        (mask_from_enumerated_value, torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 3.0]])),
+    ],
+    ids=["masked_site", "mask_from_value"],
+)
+def test_masks_as_in_trace_enum_elbo(model, data):
+    from pyro.infer import TraceEnum_ELBO
+
+    model = config_enumerate(model)
+    expected = TraceEnum_ELBO(max_plate_nesting=2).loss(model, no_latent_guide, data)
+    assert TraceARM_ELBO(max_plate_nesting=2).loss(model, no_latent_guide, data) == pytest.approx(
+        expected, rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("side", ["model", "guide"])
+def test_monte_carlo_enumeration_raises(side):
+    infer = {"enumerate": "parallel", "num_samples": 10}
+
+    def model():
+        pyro.sample("x", dist.Bernoulli(0.2), infer=infer if side == "model" else {})
+
+    def guide():
+        if side == "guide":
+            pyro.sample("x", dist.Bernoulli(0.7), infer=infer)
+
+    pyro.clear_param_store()
+    with pytest.raises(NotImplementedError, match="At site 'x'.*Monte Carlo enumeration"):
+        TraceARM_ELBO(max_plate_nesting=0).loss(model, guide)
+
+
+def test_model_enumeration_more_global_than_the_guides_raises():
+    """A global site summed out in the model whose likelihood reads a site the guide enumerates
+    per datapoint (TraceEnum_ELBO refuses it too)."""
+
+    @config_enumerate
+    def model():
+        a = pyro.sample("a", dist.Categorical(torch.tensor([0.45, 0.55])))
+        with pyro.plate("b_axis", 2):
+            b = pyro.sample("b", dist.Categorical(torch.tensor([0.6, 0.4])))
+            pyro.sample("c", dist.Normal(a + b, 1.0), obs=torch.tensor([1.0, 2.0]))
+
+    @config_enumerate
+    def guide():
+        with pyro.plate("b_axis", 2):
+            pyro.sample("b", dist.Categorical(torch.tensor([0.8, 0.2])))
+
+    pyro.clear_param_store()
+    with pytest.raises(NotImplementedError, match="no more global than guide enumeration"):
+        TraceARM_ELBO(max_plate_nesting=1).loss(model, guide)

@@ -229,3 +229,29 @@ def test_checker_rejects_site_baseline_including_own_sample(monkeypatch):
     )
     with pytest.raises(AssertionError, match=r"biased components \[.*'cl\["):
         assert_unbiased(elbo, model, guide, args, num_samples=6000 if vectorize else 1500, seed=0)
+
+
+def test_partly_reparameterized_site_takes_one_draw():
+    """A site with both a pathwise and a score-function part (a rejection sampler) takes no
+    extra draws in the branches (their score would not be its score function): ``"arms"`` gives
+    its parameter the gradient ``Trace_ELBO`` gives, draw for draw."""
+    import pyro.distributions as dist
+    from pyro.distributions.testing.rejection_gamma import ShapeAugmentedGamma
+    from pyro.infer import Trace_ELBO
+
+    def model():
+        with pyro.plate("n", 1000):
+            pyro.sample("y", dist.Gamma(0.5, 1.0).expand([1000]))
+
+    def guide():
+        a = pyro.param("a", torch.tensor(1.5))
+        with pyro.plate("n", 1000):
+            pyro.sample("y", ShapeAugmentedGamma(a, torch.tensor(1.0)).expand([1000]))
+
+    grads = []
+    for elbo in [Trace_ELBO(), TraceARM_ELBO(estimator="arms")]:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        elbo.loss_and_grads(model, guide)
+        grads.append(pyro.param("a").grad.item())
+    assert grads[1] == pytest.approx(grads[0], rel=1e-6)
