@@ -349,8 +349,7 @@ class Particle:
             if any(p >= self.sampler.position[name] for p in fresh):
                 continue
             for a, b in zip(signals[1:], member_signals[name][1:]):
-                # a batched pass keeps the singleton dims of the plates a signal sums over
-                a, b = torch.as_tensor(a).squeeze(), torch.as_tensor(b).squeeze()
+                a, b = torch.as_tensor(a), torch.as_tensor(b)
                 if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=atol):
                     return True
         return False

@@ -70,10 +70,13 @@ def append_event_dims(signal: Union[torch.Tensor, float], event_dim: int):
 def select_branch(value: Union[torch.Tensor, float], index: int, nesting: int):
     """
     Index ``index`` of the branch plate, the leftmost of ``nesting`` batch dims, of a tensor
-    over batch dims; a tensor without that dim is the same for every branch.
+    over batch dims; a tensor without that dim is the same for every branch. Leading singleton
+    dims are dropped, as :meth:`~pyro.infer.util.MultiFrameTensor.sum_to` drops them.
     """
     if torch.is_tensor(value) and value.dim() >= nesting:
-        return value.select(value.dim() - nesting, index)
+        value = value.select(value.dim() - nesting, index)
+        while value.dim() and value.size(0) == 1:
+            value = value.squeeze(0)
     return value
 
 

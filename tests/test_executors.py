@@ -13,7 +13,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_arm import TraceARM_ELBO, executors
+from pyro_arm import IWELBO, TraceARM_ELBO, executors
 from pyro_arm.reads import ReadGuard, SampledValueRead
 from tests.exact import assert_unbiased
 
@@ -268,10 +268,11 @@ def global_sites_model(data):
         pyro.sample("x", dist.Normal(zs[0] + 0.5 * zs[1] - 0.5 * zs[2], 1.0), obs=data)
 
 
-def test_global_sites_beside_a_data_plate_batch():
-    """Global sites' signals, summed over a data plate, keep its singleton dim in a batched pass
-    and not in a looped one: the proof compares them as equal."""
-    elbo = TraceARM_ELBO(num_particles=2, estimator="disarm")
+@pytest.mark.parametrize("elbo_class", [TraceARM_ELBO, IWELBO])
+def test_global_sites_beside_a_data_plate_batch(elbo_class):
+    """Global sites' signals, summed over a data plate, have the shape of a looped run's in a
+    batched pass: the proof compares them as equal, and IWELBO stacks them with the base's."""
+    elbo = elbo_class(num_particles=2, estimator="disarm")
     data = torch.tensor([0.3, 1.7, -0.5])
     for _ in range(2):
         elbo.loss_and_grads(global_sites_model, global_sites_guide, data)
