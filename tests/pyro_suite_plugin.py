@@ -2,7 +2,8 @@
 """
 A pytest plugin that runs Pyro's own tests (release 1.9.1, not part of this repository) against
 :class:`~pyro_arm.TraceARM_ELBO`. Test ids keep Pyro's names. ``ARM_TEST_SEED=<int>`` seeds each
-test (Pyro's gradient tests are statistical and unseeded).
+test (Pyro's gradient tests are statistical and unseeded); ``ARM_ESTIMATOR=<name>`` picks
+the estimator (default ``arm``).
 
 ``tests/infer/test_valid_models.py`` **and** ``tests/infer/test_gradient.py``: every test item
 parametrized with ``Elbo=Trace_ELBO``, ``TraceGraph_ELBO`` or ``DiffTrace_ELBO`` runs with
@@ -38,9 +39,16 @@ from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
 from pyro_arm import TraceARM_ELBO
 
+ESTIMATOR = os.environ.get("ARM_ESTIMATOR", "arm")
+
+
+def ARM_ELBO(*args, **kwargs) -> TraceARM_ELBO:
+    """``TraceARM_ELBO`` with the estimator ``ARM_ESTIMATOR`` names."""
+    return TraceARM_ELBO(*args, estimator=ESTIMATOR, **kwargs)
+
 
 def DiffTraceARM_ELBO(*args, **kwargs):
-    return TraceARM_ELBO(*args, **kwargs).differentiable_loss
+    return ARM_ELBO(*args, **kwargs).differentiable_loss
 
 
 #: ``TraceEnum_ELBO``'s keyword arguments that :func:`TraceEnumARM_ELBO` refuses, with the reason
@@ -68,7 +76,7 @@ def TraceEnumARM_ELBO(
         raise TypeError(
             f"TraceARM_ELBO in place of TraceEnum_ELBO: {key}= does not apply ({reason})"
         )
-    return TraceARM_ELBO(
+    return ARM_ELBO(
         num_particles=num_particles,
         max_plate_nesting=max_plate_nesting,
         vectorize_particles=vectorize_particles,
@@ -146,7 +154,7 @@ def _keep_elbo_item(item) -> bool:
     if "test_particle_gradient" in item.name:
         return False
     if elbo in (Trace_ELBO, TraceGraph_ELBO):
-        params["Elbo"] = TraceARM_ELBO
+        params["Elbo"] = ARM_ELBO
         return True
     if getattr(elbo, "__name__", None) == "DiffTrace_ELBO":
         params["Elbo"] = DiffTraceARM_ELBO
