@@ -36,7 +36,7 @@ from pyro.infer.util import MultiFrameTensor
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 
-from pyro_arm.enum import MarginalMessenger
+from pyro_arm.enum import Expectation, MarginalMessenger
 from pyro_arm.estimators import working_dtype
 from pyro_arm.reads import unguarded
 from pyro_arm.sites import is_subsample_site
@@ -86,9 +86,11 @@ class CostMessenger(Messenger):
         sign: float,
         values: Optional[dict] = None,
         skip: Container[str] = (),
+        expectation: Optional[Expectation] = None,
     ) -> None:
         super().__init__()
         self.costs, self.sign, self.values, self.skip = costs, sign, values, skip
+        self.expectation = Expectation() if expectation is None else expectation
 
     def _pyro_post_sample(self, msg) -> None:
         if msg["name"] in self.skip:
@@ -97,9 +99,12 @@ class CostMessenger(Messenger):
             self.values[msg["name"]] = msg["value"]
         if is_subsample_site(msg):
             return
+        if self.sign < 0:  # the guide's enumerated sites, as they come
+            self.expectation.add(msg)
         log_prob = msg["fn"].log_prob(msg["value"], *msg["args"], **msg["kwargs"])
         with unguarded():
             log_prob = scale_and_mask(log_prob, msg["scale"], msg["mask"])
+            log_prob = self.expectation(log_prob, msg["cond_indep_stack"], grad=False)
             self.costs.add((msg["cond_indep_stack"], self.sign * _detached(log_prob)))
 
 
@@ -128,13 +133,16 @@ class LogPMessenger(Messenger):
         super().__init__()
         self.log_p: torch.Tensor | float = 0.0
         self.skip: Container[str] = ()
+        self.expectation = Expectation()
 
     def _pyro_post_sample(self, msg) -> None:
         if is_subsample_site(msg) or msg["name"] in self.skip:
             return
         log_prob = msg["fn"].log_prob(msg["value"], *msg["args"], **msg["kwargs"])
         with unguarded():
-            self.log_p = self.log_p + scale_and_mask(log_prob, msg["scale"], msg["mask"]).sum()
+            log_prob = scale_and_mask(log_prob, msg["scale"], msg["mask"])
+            log_prob = self.expectation(log_prob, msg["cond_indep_stack"], grad=False)
+            self.log_p = self.log_p + log_prob.sum()
 
 
 def detached(values: dict) -> dict:
@@ -143,22 +151,33 @@ def detached(values: dict) -> dict:
 
 
 def model_costs(
-    model, args, kwargs, costs: MultiFrameTensor, values: dict, log_p: Optional[LogPMessenger]
+    model,
+    args,
+    kwargs,
+    costs: MultiFrameTensor,
+    values: dict,
+    log_p: Optional[LogPMessenger],
+    expectation: Optional[Expectation] = None,
 ) -> dict:
     """
     Runs the model with its latent sites at ``values`` and adds its cost terms to ``costs``;
-    with ``log_p``, also sums its log-density with gradient there. Returns the values of the
-    latent sites the model met (summed-out enumerated sites excluded).
+    with ``log_p``, also sums its log-density with gradient there. Terms that the guide's
+    enumerated values reach are replaced by their ``expectation`` over them. Returns the values
+    of the latent sites the model met (summed-out enumerated sites excluded).
     """
     seen: dict = {}
     grad = log_p is not None and torch.is_grad_enabled()
     marginal = MarginalMessenger(values)
+    expectation = Expectation() if expectation is None else expectation
     if log_p is not None:
-        log_p.skip = marginal.names
-    with torch.set_grad_enabled(grad), marginal, CostMessenger(costs, 1.0, seen, marginal.names):
+        log_p.skip, log_p.expectation = marginal.names, expectation
+    cost = CostMessenger(costs, 1.0, seen, marginal.names, expectation)
+    with torch.set_grad_enabled(grad), marginal, cost:
         with log_p or nullcontext(), ReplayValuesMessenger(values):
             model(*args, **kwargs)
         for stack, term in marginal.terms():
+            with unguarded():
+                term = expectation(term, stack, grad=False)
             costs.add((stack, _detached(term)))
             if log_p is not None:
                 log_p.log_p = log_p.log_p + term.sum()
@@ -173,10 +192,11 @@ def run_costs(model, guide, args, kwargs, log_p: Optional[LogPMessenger] = None)
     """
     costs: MultiFrameTensor = MultiFrameTensor()
     values: dict = {}
+    expectation = Expectation()
     with pyro.validation_enabled(False):
-        with torch.no_grad(), CostMessenger(costs, -1.0, values):
+        with torch.no_grad(), CostMessenger(costs, -1.0, values, expectation=expectation):
             guide(*args, **kwargs)
         with unguarded():
             values = detached(values)
-        model_costs(model, args, kwargs, costs, values, log_p)
+        model_costs(model, args, kwargs, costs, values, log_p, expectation)
     return costs

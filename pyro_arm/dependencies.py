@@ -101,7 +101,8 @@ def needs_dependencies(guide_trace: Trace, arm_sites) -> bool:
     for name, site in guide_trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or is_subsample_site(site):
             continue
-        if name not in arm_sites and not site["fn"].has_rsample:
+        enumerated = site["infer"].get("_enumerate_dim") is not None
+        if name not in arm_sites and not site["fn"].has_rsample and not enumerated:
             return True
         stack = set(site["cond_indep_stack"])
         if frames_so_far is not None and not frames_so_far <= stack:
@@ -152,4 +153,19 @@ def trace_dependencies(model, guide, values: dict, args, kwargs) -> Dependencies
     # the contracted terms of enumerated sites depend on what any site they contract does
     for name, taken in marginalize_trace(model_trace, guide_trace).items():
         costs[f"model:{name}"] = frozenset().union(*(costs[f"model:{n}"] for n in taken))
+    # a term's expectation over the guide's enumerated sites depends on what their
+    # probabilities do
+    factors = [
+        (site["cond_indep_stack"], get_provenance(site["log_prob"]))
+        for site in guide_trace.nodes.values()
+        if site["type"] == "sample" and site["infer"].get("_enumerate_dim") is not None
+    ]
+    if factors:
+        for prefix, trace in (("guide", guide_trace), ("model", model_trace)):
+            for name, site in trace.nodes.items():
+                if site["type"] == "sample":
+                    plates = set(site["cond_indep_stack"])
+                    for stack, sources in factors:
+                        if set(stack) <= plates:
+                            costs[f"{prefix}:{name}"] |= sources
     return Dependencies(guide_deps, costs, reads.sources)

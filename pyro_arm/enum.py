@@ -23,9 +23,15 @@ sites among a run's cost terms (:func:`marginalize_trace` for the traces of a ba
 :class:`MarginalMessenger` for the lean runs of :mod:`pyro_arm.costs`), so every signal and the
 ELBO see :math:`\\log p(x, z)` with the enumerated variables summed out.
 
-**Guide sites marked for enumeration, and** ``"sequential"`` **model sites**, raise
-:class:`NotImplementedError` naming the site before it is sampled (:class:`EnumerationCheck`):
-no site marked for enumeration is ever sampled.
+**Guide sites marked** ``"parallel"`` are enumerated in the guide (:class:`Enumeration`, the
+model's enumeration dims left of the guide's), and every cost term that their values reach is
+replaced by its expectation under their probabilities (:class:`Expectation`, Pyro's
+:class:`~pyro.infer.util.Dice` rule kept per plate), differentiated exactly; a site sampled
+after them that reads their value must be reparameterized (:func:`expect_traces`).
+
+``"sequential"`` **sites** raise :class:`NotImplementedError` naming the site before it is
+sampled (:class:`EnumerationCheck`), and so do sites marked for enumeration under an ELBO that
+sums none out: no site marked for enumeration is ever sampled.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from collections import OrderedDict
 from typing import Callable, Container, Optional
 
 import torch
+from pyro.distributions.score_parts import ScoreParts
 from pyro.distributions.util import scale_and_mask
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree
@@ -84,7 +91,7 @@ class EnumerationCheck:
         return _ModelCheck(self)(fn)
 
     def refuse(self, msg: dict, where: str) -> NotImplementedError:
-        sums = "sums out model sites marked 'parallel'" if self.sums_out else "sums out none"
+        sums = "sums out the sites marked 'parallel'" if self.sums_out else "sums out none"
         return NotImplementedError(
             f"At site '{msg['name']}': the {where} site is marked for enumeration "
             f"(infer={{'enumerate': {enumeration(msg)!r}}}), which {self.elbo} does not sum out "
@@ -95,14 +102,22 @@ class EnumerationCheck:
 
 
 class _GuideCheck(Messenger):
+    """Sees each guide site after the handlers inside it (enumeration included)."""
+
     def __init__(self, check: EnumerationCheck) -> None:
         super().__init__()
         self.check = check
 
     def _pyro_sample(self, msg) -> None:
         self.check.guide_sites.add(msg["name"])
-        if enumeration(msg):
-            raise self.check.refuse(msg, "guide")
+        kind = enumeration(msg)
+        if kind is None:
+            return
+        if kind == "parallel" and self.check.sums_out:
+            if msg["infer"].get("_enumerate_dim") is None:
+                raise Unenumerated(msg["name"])
+            return
+        raise self.check.refuse(msg, "guide")
 
 
 class _ModelCheck(Messenger):
@@ -124,20 +139,54 @@ class _ModelCheck(Messenger):
         raise self.check.refuse(msg, "model")
 
 
-def enumerated(model: Callable, nesting: int) -> Callable:
+class Enumeration:
     """
-    ``model`` with its sites marked ``"parallel"`` enumerated by Pyro's
-    :class:`~pyro.poutine.enum_messenger.EnumMessenger`, the enumeration dims left of the
-    model's ``nesting`` plates and of every plate active when it is called.
+    Enumerates the sites marked ``"parallel"`` of a guide and of its model with Pyro's
+    :class:`~pyro.poutine.enum_messenger.EnumMessenger`: the guide's enumeration dims left of
+    the model's ``nesting`` plates and of every plate active when it is called (those over
+    particles and branches included), the model's left of the guide's, as in
+    :class:`~pyro.infer.traceenum_elbo.TraceEnum_ELBO`.
     """
 
-    def enumerated_model(*args, **kwargs):
+    def __init__(self, nesting: int) -> None:
+        self.nesting = nesting
+        #: how many dims the guide's last run took
+        self.guide_dims = 0
+
+    def first_dim(self) -> int:
         dims = [m.dim for m in _PYRO_STACK if isinstance(m, IndepMessenger) and m.dim is not None]
-        first = min([-nesting - 1] + [dim - 1 for dim in dims])
-        with EnumMessenger(first_available_dim=first):
-            return model(*args, **kwargs)
+        return min([-self.nesting - 1] + [dim - 1 for dim in dims])
 
-    return enumerated_model
+    def guide(self, guide: Callable) -> Callable:
+        def enumerated_guide(*args, **kwargs):
+            first = self.first_dim()
+            dims = _EnumDims()
+            with EnumMessenger(first_available_dim=first), dims:
+                result = guide(*args, **kwargs)
+            self.guide_dims = first + 1 - min(dims.dims, default=first + 1)
+            return result
+
+        return enumerated_guide
+
+    def model(self, model: Callable) -> Callable:
+        def enumerated_model(*args, **kwargs):
+            with EnumMessenger(first_available_dim=self.first_dim() - self.guide_dims):
+                return model(*args, **kwargs)
+
+        return enumerated_model
+
+
+class _EnumDims(Messenger):
+    """Records the enumeration dims of a run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dims: set[int] = set()
+
+    def _pyro_post_sample(self, msg) -> None:
+        dim = (msg["infer"] or {}).get("_enumerate_dim")
+        if dim is not None:
+            self.dims.add(dim)
 
 
 class _Contraction:
@@ -184,6 +233,15 @@ class _Contraction:
         with unguarded():
             return self._contract()
 
+    def _batch_dims(self) -> set[int]:
+        """The dims of the contracted log-densities that are neither plates nor summed."""
+        dims = set()
+        for site in self.sites:
+            shape = site["log_prob"].shape
+            plates = {f.dim for f in site["frames"]}
+            dims.update(d for d in range(-len(shape), 0) if shape[d] > 1 and d not in plates)
+        return dims
+
     def _contract(self) -> list[tuple[tuple, torch.Tensor]]:
         scales = {float(site["scale"]) for site in self.sites}
         if len(scales) != 1 or any(
@@ -197,6 +255,10 @@ class _Contraction:
         frames = sorted({f for site in self.sites for f in site["frames"]})
         symbol = {f: chr(ord("a") + i) for i, f in enumerate(frames)}
         enum_symbol = {d: chr(ord("A") + i) for i, d in enumerate(sorted(self.enum_dims))}
+        # the guide's enumeration dims, kept as batch dims
+        kept = sorted(self._batch_dims() - self.enum_dims)
+        first = len(enum_symbol)
+        enum_symbol.update((d, chr(ord("A") + first + i)) for i, d in enumerate(kept))
         symbol_to_dim = {s: d for d, s in enum_symbol.items()}
         symbol_to_dim.update((s, f.dim) for f, s in symbol.items())
         tree: OrderedDict = OrderedDict()
@@ -208,7 +270,8 @@ class _Contraction:
         frame_of = {s: f for f, s in symbol.items()}
         scaled = not (isinstance(scale, float) and scale == 1.0)
         terms = []
-        for ordinal, contracted in contract_tensor_tree(tree, set(enum_symbol.values())).items():
+        sum_dims = {enum_symbol[d] for d in self.enum_dims}
+        for ordinal, contracted in contract_tensor_tree(tree, sum_dims).items():
             stack = tuple(frame_of[s] for s in sorted(ordinal))
             depth = max([-f.dim for f in stack], default=0)
             for term in contracted:
@@ -278,3 +341,102 @@ def marginalize_trace(model_trace: Trace, replayed: Container[str]) -> dict[str,
         )
         replaced[name] = taken
     return replaced
+
+
+class Expectation:
+    """
+    The expectation over the guide's enumerated sites :math:`c`, as in Pyro's
+    :class:`~pyro.infer.util.Dice`: a cost term :math:`t` over plates :math:`P` becomes
+
+    .. math::
+
+        \\mathbb{E}_q[t] = \\sum_c \\prod_{j:\\, P_j \\subseteq P} q(c_j \\mid \\cdot)\\; t(c),
+
+    summed over the enumeration dims, its plates kept; the product is over the enumerated guide
+    sites (:meth:`add`) whose plates :math:`P_j` lie within the term's, their unscaled,
+    unmasked probabilities (those of later sites sum to one). A term that no enumerated value
+    reaches is itself.
+    """
+
+    def __init__(self) -> None:
+        self.factors: list[tuple[frozenset, torch.Tensor]] = []
+        self.dims: set[int] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.factors)
+
+    @classmethod
+    def of_trace(cls, guide_trace: Trace) -> Expectation:
+        """The expectation over the enumerated sites of a guide trace."""
+        expectation = cls()
+        for site in guide_trace.nodes.values():
+            expectation.add(site)
+        return expectation
+
+    def add(self, site: dict) -> None:
+        """Adds ``site`` (a message or trace node) if it is an enumerated guide site."""
+        dim = (site.get("infer") or {}).get("_enumerate_dim")
+        if site["type"] != "sample" or site["is_observed"] or dim is None:
+            return
+        log_q = site["fn"].score_parts(site["value"], *site["args"], **site["kwargs"])
+        self.factors.append((_plates(site["cond_indep_stack"]), log_q.score_function))
+        self.dims.add(dim)
+
+    def __call__(self, value, stack: tuple, grad: bool = True):
+        """The expectation of ``value``, a cost term over the plates of ``stack``; with
+        ``grad``, differentiable in the guide's probabilities too."""
+        if not self.factors or not torch.is_tensor(value):
+            return value
+        shape = value.shape
+        dims = [d for d in self.dims if -d <= len(shape) and shape[d] > 1]
+        if not dims:
+            return value
+        plates = _plates(stack)
+        factors = [log_q for frames, log_q in self.factors if frames <= plates]
+        if not factors:
+            return value
+        with unguarded():
+            log_w = sum(factors)
+            w = log_w.exp() if grad else log_w.detach().exp()
+            value = torch.where(w > 0, value, torch.zeros((), dtype=value.dtype))
+            total = (w * value).sum([d for d in self.dims if -d <= max(w.dim(), len(shape))])
+            depth = max([-f.dim for f in plates], default=0)
+            total = total.reshape(total.shape[max(total.dim() - depth, 0) :])
+        return total
+
+
+def _plates(stack) -> frozenset:
+    return frozenset(f for f in stack if f.vectorized)
+
+
+def expect_traces(model_trace: Trace, guide_trace: Trace) -> None:
+    """
+    Replaces the log-densities of the sites of both traces that the guide's enumerated values
+    reach by their :class:`Expectation` (``log_prob``, ``log_prob_sum`` and, in the guide, the
+    score parts: an enumerated site's, or a reparameterized site's, entropy term is its
+    expected log-density, differentiated exactly). A site the guide samples otherwise that
+    they reach (a Bernoulli, categorical or other score-function site) raises
+    :class:`NotImplementedError` naming it.
+    """
+    expectation = Expectation.of_trace(guide_trace)
+    if not expectation:
+        return
+    for trace in (model_trace, guide_trace):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            log_prob = expectation(site["log_prob"], site["cond_indep_stack"])
+            if log_prob is site["log_prob"]:
+                continue
+            site["log_prob"], site["log_prob_sum"] = log_prob, log_prob.sum()
+            if trace is model_trace or site["is_observed"]:
+                continue
+            enumerated_site = (site.get("infer") or {}).get("_enumerate_dim") is not None
+            if not enumerated_site and not site["fn"].has_rsample:
+                raise NotImplementedError(
+                    f"At site '{name}': the guide samples it after a site it enumerates, and "
+                    "its distribution depends on the enumerated value; TraceARM_ELBO sums out "
+                    "enumerated guide sites that no later sampled discrete site depends on. "
+                    "Enumerate this site too, or sample it before the enumerated ones"
+                )
+            site["score_parts"] = ScoreParts(log_prob, 0.0, log_prob)

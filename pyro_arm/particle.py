@@ -104,6 +104,12 @@ class Particle:
         # detached cost terms, at least float32, shared by the ELBO and the signals
         self.terms = trace_cost_terms(model_trace, guide_trace)
         self.costs = costs_of(self.terms)
+        #: the guide's enumerated sites
+        self.enumerated = {
+            n
+            for n, s in guide_trace.nodes.items()
+            if (s.get("infer") or {}).get("_enumerate_dim") is not None
+        }
         # the last sample site of the guide, factors included
         self.last_site = next(
             (n for n, s in reversed(guide_trace.nodes.items()) if s["type"] == "sample"), None
@@ -209,7 +215,7 @@ class Particle:
         """Runs the branches one by one."""
         for name, k in plan:
             costs = None
-            if name == self.last_site and name in self.samples:
+            if name == self.last_site and name in self.samples and not self.enumerated:
                 costs = self._model_only_branch(name, k)
             if costs is None:
                 handler = BranchMessenger(self.sampler, [(name, k)])
@@ -331,12 +337,17 @@ class Particle:
         """Whether ``member_signals`` (of the same particle's branches run by another executor)
         differ from this particle's where both are deterministic (no fresh draw at or after the
         flip)."""
-        fresh = [p for n, p in self.sampler.position.items() if n not in self.samples]
+        fresh = [
+            p
+            for n, p in self.sampler.position.items()
+            if n not in self.samples and n not in self.enumerated
+        ]
         for name, signals in self.member_signals.items():
             if any(p >= self.sampler.position[name] for p in fresh):
                 continue
             for a, b in zip(signals[1:], member_signals[name][1:]):
-                a, b = torch.as_tensor(a), torch.as_tensor(b)
+                # a batched pass keeps the singleton dims of the plates a signal sums over
+                a, b = torch.as_tensor(a).squeeze(), torch.as_tensor(b).squeeze()
                 if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=atol):
                     return True
         return False

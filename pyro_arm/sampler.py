@@ -147,9 +147,12 @@ class BranchMessenger(Messenger):
         self.drawn: dict[str, torch.Tensor] = {}
 
     def _pyro_sample(self, msg) -> None:
+        name = msg["name"]
+        if msg["infer"].get("_enumerate_dim") is not None and name in self.base.position:
+            self.seen.append(name)  # enumerated, as in the base run
+            return
         if msg["is_observed"] or msg["value"] is not None:
             return
-        name = msg["name"]
         if is_subsample_site(msg):
             msg["value"] = self.base.values.get(name)  # None: a plate the guide lacks
             return

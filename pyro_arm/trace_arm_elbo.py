@@ -17,9 +17,11 @@ from pyro_arm.baselines import baseline_options, leave_one_out, site_baseline
 from pyro_arm.batching import batched_pass_errors
 from pyro_arm.costs import LogPMessenger, detached, model_costs
 from pyro_arm.enum import (
+    Enumeration,
     EnumerationCheck,
+    Expectation,
     Unenumerated,
-    enumerated,
+    expect_traces,
     marginalize_trace,
 )
 from pyro_arm.estimators import check_num_samples, get_estimator
@@ -100,15 +102,17 @@ class TraceARM_ELBO(ELBO):
     values, reparameterized sites are pathwise, and observed guide sites (``pyro.factor``) enter
     the cost and their own pathwise gradient.
 
-    **Enumeration.** Model sites marked ``infer={"enumerate": "parallel"}`` (as
-    ``config_enumerate`` marks them) that the guide does not sample are summed out exactly, as in
-    :class:`~pyro.infer.traceenum_elbo.TraceEnum_ELBO`: :math:`f` is then
-    :math:`\log p(x, z) - \log q(z \mid x)` with the enumerated variables summed out, one
-    contracted term per plate set, so that signals stay plate-local where the enumerated
-    variables are local to a plate (:mod:`pyro_arm.enum`). Enumeration dims sit left of every
-    plate, those over particles and branches included. Guide sites marked for enumeration and
-    ``"sequential"`` model sites raise :class:`NotImplementedError` naming the site; no site
-    marked for enumeration is sampled.
+    **Enumeration.** Sites marked ``infer={"enumerate": "parallel"}`` (as ``config_enumerate``
+    marks them) are summed out exactly, as in :class:`~pyro.infer.traceenum_elbo.TraceEnum_ELBO`
+    (:mod:`pyro_arm.enum`). In the model, :math:`f` is :math:`\log p(x, z) - \log q(z \mid x)`
+    with the enumerated variables summed out, one contracted term per plate set; in the guide,
+    each cost term that an enumerated value :math:`c` reaches becomes its expectation
+    :math:`\sum_c q(c \mid \cdot)\, t(c)` per plate element, differentiated exactly. So the
+    other sites' signals come from the summed-out cost and stay plate-local where the enumerated
+    variables are local to a plate. Enumeration dims sit left of every plate, those over
+    particles and branches included. A discrete guide site sampled from an enumerated guide
+    value, and ``"sequential"`` sites, raise :class:`NotImplementedError` naming the site; no
+    site marked for enumeration is sampled.
 
     **Low precision.** With half-precision logits (``bfloat16``, ``float16``, as
     ``torch.autocast`` makes them) the uniforms are drawn and compared, and the estimator weights
@@ -217,25 +221,31 @@ class TraceARM_ELBO(ELBO):
         model, guide = check.model(model), check.guide(guide)
         model_trace, guide_trace = get_importance_trace("flat", nesting, model, guide, args, kwargs)
         marginalize_trace(model_trace, guide_trace)
+        expect_traces(model_trace, guide_trace)
         return model_trace, guide_trace
 
     def _particles(self, model, guide, args, kwargs) -> list[Particle]:
         """
-        The base runs of one call: one particle each, or all as one when vectorized. A model
-        found to mark sites for parallel enumeration runs enumerated from then on (the call's
-        base runs start again).
+        The base runs of one call: one particle each, or all as one when vectorized. A model or
+        guide found to mark sites for parallel enumeration runs enumerated from then on; on its
+        first call, the base runs start again from the random state they started from.
         """
+        key = (model, guide)
+        state = None if key in self._enumerating else _rng_state()
         try:
-            return self._base_runs(model, guide, args, kwargs)
-        except Unenumerated:
-            self._enumerating[(model, guide)] = True
+            particles = self._base_runs(model, guide, args, kwargs)
+            self._enumerating.setdefault(key, False)
+            return particles
+        except Unenumerated as exc:
+            if self._enumerating.get(key):
+                raise _not_enumerated(exc) from None
+            self._enumerating[key] = True
+            if state is not None:
+                _set_rng_state(state)
         try:
             return self._base_runs(model, guide, args, kwargs)
         except Unenumerated as exc:
-            raise NotImplementedError(
-                f"At site '{exc}': the model site is marked for parallel enumeration, and Pyro's "
-                "enumeration did not enumerate it"
-            ) from None
+            raise _not_enumerated(exc) from None
 
     def _base_runs(self, model, guide, args, kwargs) -> list[Particle]:
         vectorized = self.vectorize_particles
@@ -251,7 +261,8 @@ class TraceARM_ELBO(ELBO):
             model, guide = plate(model), plate(guide)
             nesting = None if nesting is None else nesting + 1
         if nesting is not None:  # enumeration outside the plate over particles, as in Pyro
-            model = enumerated(model, nesting)
+            enumeration = Enumeration(nesting)
+            model, guide = enumeration.model(model), enumeration.guide(guide)
         context = ParticleContext(
             model,
             guide,
@@ -464,6 +475,7 @@ def _model_log_p(particle: Particle) -> torch.Tensor:
             MultiFrameTensor(),
             detached(particle.sampler.values),
             log_p,
+            Expectation.of_trace(particle.guide_trace),
         )
     return torch.as_tensor(log_p.log_p)
 
@@ -513,7 +525,30 @@ def _warn_if_not_finite(values: list[tuple[str, torch.Tensor]]) -> None:
             warn_if_inf(value, what)
 
 
+def _not_enumerated(exc: Unenumerated) -> NotImplementedError:
+    return NotImplementedError(
+        f"At site '{exc}': the site is marked for parallel enumeration, and Pyro's enumeration "
+        "did not enumerate it"
+    )
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
+def _rng_state() -> tuple:
+    """The state of the random number generators of the CPU and of any initialised CUDA
+    device."""
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in _cuda_devices()]
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for device, cuda_state in zip(_cuda_devices(), cuda):
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
 def _fork_rng():
     """Forks the random number generators of the CPU and of any initialised CUDA device."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    return torch.random.fork_rng(devices=devices)
+    return torch.random.fork_rng(devices=_cuda_devices())

@@ -85,6 +85,8 @@ SLOW = (
     # model, vectorized, and one sequential
     r"test_enum\.py::test_unbiased_enumerated\[(?!mixture-arm-vec|global-ar-vec|"
     r"chain-disarm-vec|categorical-arms-vec|mixture-disarm-seq)",
+    r"test_enum\.py::test_unbiased_enumerated_guide\[(?!posterior-disarm-vec|both_sides-rloo-vec|"
+    r"reparameterized-arms-vec|both_sides-arm-seq)",
     # the fast tier's budget (3 minutes on 2 cores): its longest checks run in the full tier
     r"test_executors\.py::test_read_starting_after_some_calls_unbiased",
     r"test_executors\.py::test_checker_rejects_batching_regardless",

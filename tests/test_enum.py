@@ -5,6 +5,8 @@ references summed out by hand, for every estimator, sequential and vectorized; e
 site marked for enumeration raises NotImplementedError naming it (never sampled silently).
 """
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -12,7 +14,7 @@ import torch
 from pyro.infer import config_enumerate
 
 from pyro_arm import IWELBO, TraceARM_ELBO
-from pyro_arm.enum import MARGINAL_PREFIX
+from pyro_arm.enum import MARGINAL_PREFIX, Expectation
 from pyro_arm.executors import batch_dim
 from tests.exact import assert_unbiased, exact_loss_and_grads
 
@@ -63,20 +65,37 @@ def test_config_enumerate_model_runs(mode):
     assert torch.isfinite(torch.tensor(loss))
 
 
+def enum_guide(data, kind="parallel"):
+    phi = pyro.param("phi", torch.zeros(2))
+    with pyro.plate("data", 2):
+        pyro.sample("z", dist.Bernoulli(logits=phi), infer={"enumerate": kind})
+        pyro.sample("c", dist.Bernoulli(logits=phi))
+
+
+def unmarked_model(data, kind=None):
+    mixture_model(data, kind=None)
+
+
 @pytest.mark.parametrize("mode", MODES, ids=["seq", "vec"])
-@pytest.mark.parametrize("kind", ["parallel", "sequential"])
-def test_enumerated_guide_site_raises(kind, mode):
-    def enum_guide(data):
+def test_sequential_guide_site_raises(mode):
+    pyro.clear_param_store()
+    elbo = TraceARM_ELBO(**mode)
+    raises_at("z", elbo, "loss_and_grads", unmarked_model, enum_guide, DATA, "sequential")
+
+
+@pytest.mark.parametrize("mode", MODES, ids=["seq", "vec"])
+def test_site_sampled_after_and_from_an_enumerated_guide_site_raises(mode):
+    """A discrete site the guide samples from an enumerated value is refused, by name."""
+
+    def dependent_guide(data):
         phi = pyro.param("phi", torch.zeros(2))
         with pyro.plate("data", 2):
-            pyro.sample("z", dist.Bernoulli(logits=phi), infer={"enumerate": kind})
-            pyro.sample("c", dist.Bernoulli(logits=phi))
-
-    def model(data):
-        mixture_model(data, kind=None)
+            z = pyro.sample("z", dist.Bernoulli(logits=phi), infer={"enumerate": "parallel"})
+            pyro.sample("c", dist.Bernoulli(logits=phi + z))
 
     pyro.clear_param_store()
-    raises_at("z", TraceARM_ELBO(**mode), "loss_and_grads", model, enum_guide, DATA)
+    with pytest.raises(NotImplementedError, match="At site 'c'.*enumerated value"):
+        TraceARM_ELBO(**mode).loss_and_grads(unmarked_model, dependent_guide, DATA)
 
 
 @pytest.mark.parametrize("kind", ["parallel", "sequential"])
@@ -85,6 +104,8 @@ def test_iwelbo_enumerated_site_raises(vectorize, kind):
     elbo = IWELBO(num_samples=2, vectorize_particles=vectorize, max_plate_nesting=1)
     pyro.clear_param_store()
     raises_at("c", elbo, "loss_and_grads", mixture_model, guide, DATA, kind)
+    pyro.clear_param_store()
+    raises_at("z", elbo, "loss_and_grads", unmarked_model, enum_guide, DATA, kind)
 
 
 def test_unmarked_site_is_sampled():
@@ -332,3 +353,198 @@ def test_branches_batch_beside_enumeration():
     for _ in range(2):
         elbo.loss_and_grads(model, guide, torch.tensor(X))
     assert batch_dim(elbo.executor, model, guide) is not None, elbo.executor.looped
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel enumeration in the guide, beside antithetic sites: unbiased against exact references
+# (the reference enumerates every guide site, the enumerated ones included)
+# ---------------------------------------------------------------------------------------------
+
+
+def posterior_mixture(data):
+    loc = pyro.param("loc", torch.tensor([-1.0, 1.0]))
+    with pyro.plate("data", 3):
+        z = pyro.sample("z", dist.Bernoulli(logits=torch.zeros(3)))
+        c = pyro.sample("c", dist.Categorical(logits=mix_logits()))
+        pyro.sample("x", dist.Normal(loc[c] + z, 1.0), obs=data)
+
+
+def posterior_mixture_guide(data):
+    """A Bernoulli site per datapoint, then the assignment enumerated, read from it."""
+    phi = pyro.param("phi", torch.tensor([0.3, -0.2, 0.5]))
+    psi = pyro.param("psi", torch.tensor([[0.2, -0.4], [0.0, 0.3], [0.5, 0.1]]))
+    with pyro.plate("data", 3):
+        z = pyro.sample("z", dist.Bernoulli(logits=phi))
+        logits = psi + z.unsqueeze(-1) * torch.tensor([0.0, 1.0])
+        pyro.sample("c", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
+
+
+def shift():
+    return torch.tensor([0.0, 0.7])
+
+
+def both_sides(data):
+    """Per datapoint an antithetic site, a score-function site (``infer={"arm": False}``) and a
+    site the model enumerates; a global site the guide enumerates."""
+    loc = pyro.param("loc", torch.tensor([-1.0, 0.5, 1.0]))
+    g = pyro.sample("g", dist.Categorical(logits=torch.tensor([0.1, -0.3, 0.2])))
+    with pyro.plate("data", 3):
+        z = pyro.sample("z", dist.Bernoulli(logits=torch.zeros(3)))
+        s = pyro.sample("s", dist.Bernoulli(logits=torch.full((3,), -0.5)))
+        m = pyro.sample("m", dist.Bernoulli(logits=torch.zeros(3)), infer={"enumerate": "parallel"})
+        pyro.sample("x", dist.Normal(loc[g] + z + 0.5 * s + shift()[m.long()], 1.0), obs=data)
+
+
+def both_sides_summed(data):
+    loc = pyro.param("loc", torch.tensor([-1.0, 0.5, 1.0]))
+    g = pyro.sample("g", dist.Categorical(logits=torch.tensor([0.1, -0.3, 0.2])))
+    with pyro.plate("data", 3):
+        z = pyro.sample("z", dist.Bernoulli(logits=torch.zeros(3)))
+        s = pyro.sample("s", dist.Bernoulli(logits=torch.full((3,), -0.5)))
+        mean = (loc[g] + z + 0.5 * s).unsqueeze(-1) + shift()
+        log_px = dist.Normal(mean, 1.0).log_prob(data.unsqueeze(-1))
+        pyro.factor("x", (log_px + math.log(0.5)).logsumexp(-1))
+
+
+def both_sides_guide(data):
+    psi = pyro.param("psi", torch.tensor([0.3, -0.1, 0.2]))
+    phi = pyro.param("phi", torch.tensor([0.3, -0.2, 0.5]))
+    eta = pyro.param("eta", torch.tensor([-0.4, 0.1, 0.2]))
+    with pyro.plate("data", 3):
+        z = pyro.sample("z", dist.Bernoulli(logits=phi))
+        pyro.sample("s", dist.Bernoulli(logits=eta + 0.5 * z), infer={"arm": False})
+    # read from every datapoint's z: their signals are summed over the plate
+    pyro.sample("g", dist.Categorical(logits=psi + 0.3 * z.sum()), infer={"enumerate": "parallel"})
+
+
+def reparameterized_after(data):
+    """A global Bernoulli site, a global site enumerated from it, and a reparameterized site
+    sampled from the enumerated value (as the SS-VAE's guide samples its latent code)."""
+    loc = pyro.param("loc", torch.tensor([-1.0, 1.0]))
+    b = pyro.sample("b", dist.Bernoulli(logits=torch.tensor(0.2)))
+    c = pyro.sample("c", dist.Categorical(logits=mix_logits()))
+    w = pyro.sample("w", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", 3):
+        pyro.sample("x", dist.Normal(loc[c] + w + b, 1.0), obs=data)
+
+
+def reparameterized_after_guide(data):
+    phi = pyro.param("phi", torch.tensor(0.3))
+    psi = pyro.param("psi", torch.tensor([0.2, -0.4]))
+    mu = pyro.param("mu", torch.tensor([0.4, -0.3]))
+    b = pyro.sample("b", dist.Bernoulli(logits=phi))
+    logits = psi + b.unsqueeze(-1)
+    c = pyro.sample("c", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
+    pyro.sample("w", dist.Normal(mu[c], 0.8))
+
+
+GUIDE_CASES = {
+    "posterior": (posterior_mixture, posterior_mixture, posterior_mixture_guide),
+    "both_sides": (config_enumerate(both_sides, "parallel"), both_sides_summed, both_sides_guide),
+    "reparameterized": (reparameterized_after, reparameterized_after, reparameterized_after_guide),
+}
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vec", "seq"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("case", list(GUIDE_CASES))
+def test_unbiased_enumerated_guide(case, estimator, vectorize, float64):
+    model, summed, guide = GUIDE_CASES[case]
+    elbo = TraceARM_ELBO(
+        num_particles=50 if vectorize else 2, vectorize_particles=vectorize, estimator=estimator
+    )
+    assert_unbiased(
+        elbo,
+        model,
+        guide,
+        (torch.tensor(X),),
+        num_samples=4000 if vectorize else 200,
+        reference=summed_reference(summed),
+    )
+
+
+@pytest.mark.slow
+def test_checker_rejects_weights_without_their_gradient(float64, monkeypatch):
+    """The same check rejects the expectation whose guide probabilities carry no gradient."""
+    call = Expectation.__call__
+    monkeypatch.setattr(
+        Expectation, "__call__", lambda self, v, s, grad=True: call(self, v, s, grad=False)
+    )
+    model, summed, guide = GUIDE_CASES["posterior"]
+    elbo = TraceARM_ELBO(num_particles=50, vectorize_particles=True)
+    with pytest.raises(AssertionError, match="psi"):
+        assert_unbiased(
+            elbo,
+            model,
+            guide,
+            (torch.tensor(X),),
+            num_samples=4000,
+            reference=summed_reference(summed),
+        )
+
+
+def test_enumerated_guide_terms_are_expectations():
+    """The enumerated guide site's term is its expected log-density, per datapoint, and the
+    ELBO of a run is that of the guide with the site summed out by hand."""
+    pyro.clear_param_store()
+    data = torch.tensor(X)
+    elbo = TraceARM_ELBO(num_particles=1)
+    particle = elbo._particles(posterior_mixture, posterior_mixture_guide, (data,), {})[0]
+    z = particle.sampler.values["z"]
+    log_q = (pyro.param("psi") + z.unsqueeze(-1) * torch.tensor([0.0, 1.0])).log_softmax(-1)
+    log_pc = mix_logits().log_softmax(-1)
+    loc = pyro.param("loc")
+    log_px = dist.Normal(loc + z.unsqueeze(-1), 1.0).log_prob(data.unsqueeze(-1))
+    per_point = (log_q.exp() * (log_pc + log_px - log_q)).sum(-1)
+    log_pz = dist.Bernoulli(logits=torch.zeros(3)).log_prob(z)
+    log_qz = dist.Bernoulli(logits=pyro.param("phi")).log_prob(z)
+    expected = (per_point + log_pz - log_qz).sum()
+    assert torch.allclose(particle.elbo(), expected.detach(), atol=1e-5)
+    c_term = particle.guide_trace.nodes["c"]["log_prob"]
+    assert c_term.shape == (3,)
+    assert torch.allclose(c_term.detach(), (log_q.exp() * log_q).sum(-1).detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["mixture", "guide"])
+def test_first_call_draws_as_later_calls(case):
+    """The call that finds the enumeration marks draws the random numbers a later call would."""
+    model, guide = {
+        "mixture": (mixture, plate_guide),
+        "guide": (posterior_mixture, posterior_mixture_guide),
+    }[case]
+    pyro.clear_param_store()
+    elbo, data = TraceARM_ELBO(), torch.tensor(X)
+    losses = []
+    for _ in range(2):
+        pyro.set_rng_seed(3)
+        losses.append(elbo.loss(model, guide, data))
+    assert losses[0] == losses[1]
+
+
+def chain_guide_enumerated(data):
+    """Three Bernoulli sites, then a global site enumerated from them."""
+    phi = pyro.param("phi", torch.tensor([0.3, -0.2, 0.5]))
+    psi = pyro.param("psi", torch.tensor([0.2, -0.4]))
+    zs = [pyro.sample(f"z_{t}", dist.Bernoulli(logits=phi[t])) for t in range(3)]
+    logits = psi + sum(zs).unsqueeze(-1) * torch.tensor([0.0, 0.5])
+    pyro.sample("c", dist.Categorical(logits=logits), infer={"enumerate": "parallel"})
+
+
+def chain_model_enumerated(data):
+    loc = pyro.param("loc", torch.tensor([-1.0, 1.0]))
+    zs = [pyro.sample(f"z_{t}", dist.Bernoulli(logits=torch.tensor(0.0))) for t in range(3)]
+    c = pyro.sample("c", dist.Categorical(logits=mix_logits()))
+    with pyro.plate("data", 3):
+        pyro.sample("x", dist.Normal(loc[c] + zs[0] + 0.5 * zs[1] - 0.5 * zs[2], 1.0), obs=data)
+
+
+def test_branches_batch_beside_guide_enumeration(float64):
+    """The branches run as one batched pass beside an enumerated guide site, proven equal to the
+    looped branches, and unbiased."""
+    elbo = TraceARM_ELBO(num_particles=2, estimator="disarm")
+    model, guide, data = chain_model_enumerated, chain_guide_enumerated, (torch.tensor(X),)
+    pyro.clear_param_store()
+    for _ in range(2):
+        elbo.loss_and_grads(model, guide, *data)
+    assert batch_dim(elbo.executor, model, guide) is not None, elbo.executor.looped
+    assert_unbiased(elbo, model, guide, data, num_samples=200)

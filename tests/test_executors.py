@@ -237,3 +237,26 @@ def test_guard_allows_validation_of_distributions():
         z = pyro.sample("z", dist.Bernoulli(logits=torch.zeros(3)).to_event(1))
         dist.Normal(z, 1.0).log_prob(torch.ones(3))
         dist.Bernoulli(logits=2 * z - 1).log_prob(z)
+
+
+def global_sites_guide(data):
+    phi = pyro.param("phi", torch.tensor([0.3, -0.2, 0.5]))
+    for t in range(3):
+        pyro.sample(f"z_{t}", dist.Bernoulli(logits=phi[t]))
+
+
+def global_sites_model(data):
+    zs = [pyro.sample(f"z_{t}", dist.Bernoulli(logits=torch.tensor(0.0))) for t in range(3)]
+    with pyro.plate("data", 3):
+        pyro.sample("x", dist.Normal(zs[0] + 0.5 * zs[1] - 0.5 * zs[2], 1.0), obs=data)
+
+
+def test_global_sites_beside_a_data_plate_batch():
+    """Global sites' signals, summed over a data plate, keep its singleton dim in a batched pass
+    and not in a looped one: the proof compares them as equal."""
+    elbo = TraceARM_ELBO(num_particles=2, estimator="disarm")
+    data = torch.tensor([0.3, 1.7, -0.5])
+    for _ in range(2):
+        elbo.loss_and_grads(global_sites_model, global_sites_guide, data)
+    dim = executors.batch_dim(elbo.executor, global_sites_model, global_sites_guide)
+    assert dim is not None, elbo.executor.looped
