@@ -48,7 +48,7 @@ from pyro.poutine import Trace
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.runtime import _ENUM_ALLOCATOR, _PYRO_STACK
 
 from pyro_arm.reads import unguarded
 from pyro_arm.sites import is_subsample_site
@@ -150,8 +150,8 @@ class Enumeration:
 
     def __init__(self, nesting: int) -> None:
         self.nesting = nesting
-        #: how many dims the guide's last run took
-        self.guide_dims = 0
+        #: the enumeration allocator's state after the guide's last run, by first dim
+        self.guide_states: dict[int, tuple] = {}
 
     def first_dim(self) -> int:
         dims = [m.dim for m in _PYRO_STACK if isinstance(m, IndepMessenger) and m.dim is not None]
@@ -160,40 +160,51 @@ class Enumeration:
     def guide(self, guide: Callable) -> Callable:
         def enumerated_guide(*args, **kwargs):
             first = self.first_dim()
-            dims = _EnumDims()
-            with EnumMessenger(first_available_dim=first), dims:
+            with EnumMessenger(first_available_dim=first), _GuideMarkovCheck():
                 result = guide(*args, **kwargs)
-            self.guide_dims = first + 1 - min(dims.dims, default=first + 1)
+            allocator = _ENUM_ALLOCATOR
+            self.guide_states[first] = (
+                allocator.next_available_dim,
+                allocator.next_available_id,
+                dict(allocator.dim_to_id),
+            )
             return result
 
         return enumerated_guide
 
     def model(self, model: Callable) -> Callable:
         def enumerated_model(*args, **kwargs):
-            with EnumMessenger(first_available_dim=self.first_dim() - self.guide_dims):
+            # the model's enumeration dims and ids follow those of the guide's last run in the
+            # same plates, as in TraceEnum_ELBO
+            first = self.first_dim()
+            next_dim, next_id, dim_to_id = self.guide_states.get(first, (first, 0, {}))
+            allocator = _ENUM_ALLOCATOR
+            allocator.set_first_available_dim(next_dim)
+            allocator.next_available_id, allocator.dim_to_id = next_id, dict(dim_to_id)
+            with EnumMessenger():
                 return model(*args, **kwargs)
 
         return enumerated_model
 
 
-class _EnumDims(Messenger):
-    """Records the enumeration dims of a run."""
+class _GuideMarkovCheck(Messenger):
+    """Refuses a guide site enumerated inside ``pyro.markov`` (whose dims are recycled)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.dims: set[int] = set()
-
-    def _pyro_post_sample(self, msg) -> None:
-        dim = (msg["infer"] or {}).get("_enumerate_dim")
-        if dim is not None:
-            self.dims.add(dim)
+    def _pyro_sample(self, msg) -> None:
+        if enumeration(msg) == "parallel" and msg["infer"].get("_markov_scope") is not None:
+            raise NotImplementedError(
+                f"At site '{msg['name']}': the guide enumerates it inside pyro.markov; "
+                "TraceARM_ELBO sums out guide sites enumerated outside pyro.markov (pyro.markov "
+                "in the model is supported). Use TraceEnum_ELBO, or drop pyro.markov in the guide"
+            )
 
 
 class _Contraction:
     """
     Tells, site by site in the order a run meets them, which sites a contraction takes (the
     enumerated sites and those whose log-density depends on an enumerated value), and
-    contracts them.
+    contracts them. Each enumerated variable is told apart by its unique id (Pyro's
+    ``_dim_to_id``), not by its dim, which ``pyro.markov`` recycles.
 
     :param replayed: names of the sites whose values the guide gives (never enumerated).
     """
@@ -201,14 +212,17 @@ class _Contraction:
     def __init__(self, replayed: Container[str]) -> None:
         self.replayed = replayed
         self.enum_dims: set[int] = set()
+        self.enum_ids: set[int] = set()
         self.sites: list[dict] = []
 
     def take(self, site: dict) -> bool:
         """Whether the contraction takes ``site`` (a message or trace node), keeping what it
-        needs: its unscaled, masked log-density, plates and scale."""
+        needs: its unscaled, masked log-density, plates, scale and enumeration ids (read when
+        contracting, once the run has set them)."""
         if site["type"] != "sample" or is_subsample_site(site):
             return False
-        dim = (site.get("infer") or {}).get("_enumerate_dim")
+        infer = site["infer"]  # the run's own dict: its enumeration ids are set later
+        dim = infer.get("_enumerate_dim")
         is_enumerated = dim is not None and site["name"] not in self.replayed
         if not is_enumerated and not self.enum_dims:
             return False
@@ -219,10 +233,11 @@ class _Contraction:
                 return False
         else:
             self.enum_dims.add(dim)
+            self.enum_ids.add(infer["_dim_to_id"][dim])
         frames = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
         with unguarded():
             log_prob = scale_and_mask(log_prob, 1.0, site["mask"])
-        self.sites.append(dict(name=site["name"], log_prob=log_prob, frames=frames))
+        self.sites.append(dict(name=site["name"], log_prob=log_prob, frames=frames, infer=infer))
         self.sites[-1]["scale"] = site["scale"]
         return True
 
@@ -232,15 +247,6 @@ class _Contraction:
             return []
         with unguarded():
             return self._contract()
-
-    def _batch_dims(self) -> set[int]:
-        """The dims of the contracted log-densities that are neither plates nor summed."""
-        dims = set()
-        for site in self.sites:
-            shape = site["log_prob"].shape
-            plates = {f.dim for f in site["frames"]}
-            dims.update(d for d in range(-len(shape), 0) if shape[d] > 1 and d not in plates)
-        return dims
 
     def _contract(self) -> list[tuple[tuple, torch.Tensor]]:
         scales = {float(site["scale"]) for site in self.sites}
@@ -253,32 +259,43 @@ class _Contraction:
             )
         scale = self.sites[0]["scale"]
         frames = sorted({f for site in self.sites for f in site["frames"]})
-        symbol = {f: chr(ord("a") + i) for i, f in enumerate(frames)}
-        enum_symbol = {d: chr(ord("A") + i) for i, d in enumerate(sorted(self.enum_dims))}
-        # the guide's enumeration dims, kept as batch dims
-        kept = sorted(self._batch_dims() - self.enum_dims)
-        first = len(enum_symbol)
-        enum_symbol.update((d, chr(ord("A") + first + i)) for i, d in enumerate(kept))
-        symbol_to_dim = {s: d for d, s in enum_symbol.items()}
-        symbol_to_dim.update((s, f.dim) for f, s in symbol.items())
+        symbol = {f: _symbol(2 * i) for i, f in enumerate(frames)}
+        frame_of = {s: f for f, s in symbol.items()}
+        id_dim: dict[str, int] = {}  # symbol of each enumerated variable -> its dim
         tree: OrderedDict = OrderedDict()
         for site in self.sites:
             ordinal = frozenset(symbol[f] for f in site["frames"])
-            dim_to_symbol = dict(enum_symbol)
-            dim_to_symbol.update((f.dim, symbol[f]) for f in site["frames"])
+            dim_to_symbol = {f.dim: symbol[f] for f in site["frames"]}
+            for dim, id_ in site["infer"].get("_dim_to_id", {}).items():
+                dim_to_symbol[dim] = _symbol(1 + 2 * id_)
+                id_dim[dim_to_symbol[dim]] = dim
             tree.setdefault(ordinal, []).append(packed.pack(site["log_prob"], dim_to_symbol))
-        frame_of = {s: f for f, s in symbol.items()}
+        sum_dims = {_symbol(1 + 2 * id_) for id_ in self.enum_ids}
         scaled = not (isinstance(scale, float) and scale == 1.0)
         terms = []
-        sum_dims = {enum_symbol[d] for d in self.enum_dims}
         for ordinal, contracted in contract_tensor_tree(tree, sum_dims).items():
             stack = tuple(frame_of[s] for s in sorted(ordinal))
             depth = max([-f.dim for f in stack], default=0)
             for term in contracted:
+                kept = [s for s in term._pyro_dims if s not in ordinal]
+                if len({id_dim[s] for s in kept}) < len(kept):
+                    raise NotImplementedError(
+                        "A summed-out term depends on two enumerated guide sites that share "
+                        "one dim (pyro.markov in the guide); enumerate them outside "
+                        "pyro.markov, or use TraceEnum_ELBO"
+                    )
+                symbol_to_dim = {s: frame_of[s].dim for s in ordinal}
+                symbol_to_dim.update((s, id_dim[s]) for s in kept)
                 term = packed.unpack(term, symbol_to_dim)
                 term = term.reshape((1,) * (depth - term.dim()) + term.shape)
                 terms.append((stack, term * scale if scaled else term))
         return terms
+
+
+def _symbol(i: int) -> str:
+    """The ``i``-th einsum symbol, as ``opt_einsum.get_symbol`` numbers them."""
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    return letters[i] if i < len(letters) else chr(i + 140)
 
 
 class MarginalMessenger(Messenger):

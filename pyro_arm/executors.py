@@ -6,8 +6,10 @@ batched (one pass along a plate over branches), and the one rule that chooses.
 A batched pass is equivalent to the looped branches only where the model and guide broadcast over
 the plate of branches and read no sampled value into Python. The rule, checked on every call:
 
-1. with ``vectorize_particles=True`` the branches always run batched; a read of a sampled value
-   (:mod:`pyro_arm.reads`) raises :class:`NotImplementedError` naming the site;
+1. with ``vectorize_particles=True`` the branches run batched under a
+   :class:`~pyro_arm.reads.ReadGuard`; where they read a sampled value into Python
+   (:mod:`pyro_arm.reads`) they run looped, each branch a pass over every particle, as the base
+   pass is (as in Pyro's vectorized ELBOs, a read there sees every particle at once);
 2. otherwise they run looped when the model and guide are known to read sampled values (a read
    seen by a batched pass or by the dependency replay), when a batched pass has failed or given
    other signals, or when there is at most one branch;
@@ -27,7 +29,7 @@ import warnings
 from typing import Optional
 
 from pyro_arm.particle import Particle
-from pyro_arm.reads import ReadGuard
+from pyro_arm.reads import ReadGuard, SampledValueRead
 
 #: The number of branches per particle from which running them one by one is worth a warning.
 WARN_LOOPED_ROWS = 16
@@ -50,11 +52,19 @@ class BranchExecutor:
 
     def run(self, elbo, particles: list[Particle], model, guide, args, kwargs) -> None:
         """Runs every particle's branches for ``elbo`` (a :class:`~pyro_arm.TraceARM_ELBO`)."""
+        key, done = (model, guide), 0
         if elbo.vectorize_particles:
             for particle in particles:
-                particle.run_branches(elbo._particle_dim() - 1, ReadGuard())
+                if key not in self.looped:
+                    try:
+                        particle.run_branches(elbo._particle_dim() - 1, ReadGuard())
+                        continue
+                    except NotImplementedError as exc:
+                        if not isinstance(exc.__cause__, SampledValueRead):
+                            raise
+                        self._loop(key, [particle], f"a batched pass of branches read: {exc}")
+                particle.run_branches(None)
             return
-        key, done = (model, guide), 0
         if key not in self.looped:
             if any(p.dependencies is not None and p.dependencies.control for p in particles):
                 self._loop(key, particles, "the model or guide reads sampled values into Python")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from contextlib import nullcontext
 from typing import Any, Optional
 
 import pyro
@@ -28,7 +27,6 @@ from pyro_arm.estimators import check_num_samples, get_estimator
 from pyro_arm.executors import BranchExecutor
 from pyro_arm.multisample import rloo_weights
 from pyro_arm.particle import Particle, ParticleContext
-from pyro_arm.reads import ReadGuard
 from pyro_arm.sampler import SampleMessenger
 
 #: The ``model_grad`` choices: the model-parameter gradient at the base run, or (``"arms"`` only)
@@ -74,14 +72,16 @@ class TraceARM_ELBO(ELBO):
     by the one engine of :mod:`pyro_arm.particle`.
 
     **Batched branches.** With ``vectorize_particles=True`` the particles run as one batched
-    base pass, and the branches of all sites and particles as one more batched pass, off the
-    gradient tape. Otherwise each particle's branches run as one batched pass where that is
-    proven equivalent to running them one by one, on every call (:mod:`pyro_arm.executors`): a
-    pass that reads a sampled value into Python (``bool``, ``.item()``, ``.tolist()``,
-    ``.numpy()``, ``torch.equal``, value-dependent shapes; :mod:`pyro_arm.reads`) is abandoned
-    for the looped branches, and a code path not met before is checked against the looped
-    branches first. Where the branches run one by one their cost grows with the square of the
-    number of sites, which a warning says once for large models.
+    base pass, as in Pyro's vectorized ELBOs (code that reads a sampled value sees every
+    particle at once), and the branches of all sites and particles as one more batched pass,
+    off the gradient tape; where that pass reads a sampled value into Python, the branches run
+    one by one, each over every particle. Otherwise each particle's branches run as one batched
+    pass where that is proven equivalent to running them one by one, on every call
+    (:mod:`pyro_arm.executors`): a pass that reads a sampled value into Python (``bool``,
+    ``.item()``, ``.tolist()``, ``.numpy()``, ``torch.equal``, value-dependent shapes;
+    :mod:`pyro_arm.reads`) is abandoned for the looped branches, and a code path not met before
+    is checked against the looped branches first. Where the branches run one by one their cost
+    grows with the square of the number of sites, which a warning says once for large models.
 
     **Plate-local signals.** Each cost term is summed down to the plates it shares with site
     :math:`t`, so datapoint :math:`n`'s logits are driven by datapoint :math:`n`'s terms. Where a
@@ -134,8 +134,10 @@ class TraceARM_ELBO(ELBO):
     :param int max_plate_nesting: bound on nested :class:`pyro.plate` contexts; guessed by running
         model and guide once when vectorizing or enumerating and left unset.
     :param bool vectorize_particles: run particles and antithetic branches as batched passes;
-        requires a structure that does not depend on sampled values (violations raise
-        :class:`NotImplementedError` naming the site).
+        as with Pyro's ELBOs, the model and guide must broadcast over particles, and code that
+        reads a sampled value sees every particle at once (a structure that depends on sampled
+        values raises :class:`NotImplementedError` naming the site). Models that read sampled
+        values into Python belong in the default mode, which handles them exactly.
     :param str estimator: ``"arm"`` (default), ``"disarm"``, ``"ar"``, or the multi-sample
         ``"rloo"`` and ``"arms"`` (:mod:`pyro_arm.multisample`); any name registered in
         :data:`pyro_arm.estimators.ESTIMATORS`.
@@ -284,8 +286,7 @@ class TraceARM_ELBO(ELBO):
             sampler = SampleMessenger(self.estimator, self.num_samples, subsamples)
             # the sampler wraps the guide outside every plate, the particles' included
             with batched_pass_errors(sampler.order if vectorized else None):
-                with ReadGuard() if vectorized and self.runs > 1 else nullcontext():
-                    traces = self._get_trace(model, sampler(guide), args, kwargs)
+                traces = self._get_trace(model, sampler(guide), args, kwargs)
             particles.append(Particle(context, *traces, sampler))
         if self._tracks_dependencies():
             for particle in particles:

@@ -548,3 +548,74 @@ def test_branches_batch_beside_guide_enumeration(float64):
         elbo.loss_and_grads(model, guide, *data)
     assert batch_dim(elbo.executor, model, guide) is not None, elbo.executor.looped
     assert_unbiased(elbo, model, guide, data, num_samples=200)
+
+
+# ---------------------------------------------------------------------------------------------
+# pyro.markov: recycled enumeration dims, told apart by their ids
+# ---------------------------------------------------------------------------------------------
+
+
+def markov_chain(data):
+    """``chain`` under ``pyro.markov``, which recycles the enumeration dims of its states."""
+    loc = pyro.param("loc", torch.tensor([-0.5, 1.0]))
+    s = 0
+    for t in pyro.markov(range(len(data))):
+        s = pyro.sample(f"s_{t}", dist.Categorical(logits=trans()[s]))
+        z = pyro.sample(f"z_{t}", dist.Bernoulli(logits=torch.tensor(0.0)))
+        pyro.sample(f"x_{t}", dist.Normal(loc[s] + z, 1.0), obs=data[t])
+
+
+def no_latent_guide(data):
+    pass
+
+
+def hmm(data):
+    loc = pyro.param("loc", torch.tensor([-0.5, 1.0]))
+    s = 0
+    for t in pyro.markov(range(len(data))):
+        s = pyro.sample(f"s_{t}", dist.Categorical(logits=trans()[s]))
+        pyro.sample(f"x_{t}", dist.Normal(loc[s], 1.0), obs=data[t])
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["seq", "vec"])
+def test_markov_chain_in_the_model_is_exact(vectorize):
+    """A 40-step chain under pyro.markov (its dims recycled, more variables than letters):
+    the loss and gradient are TraceEnum_ELBO's."""
+    from pyro.infer import TraceEnum_ELBO
+
+    data = torch.linspace(-1.0, 2.0, 40)
+    model = config_enumerate(hmm)
+    kwargs = dict(num_particles=2, vectorize_particles=True) if vectorize else {}
+    results = []
+    for elbo in [TraceEnum_ELBO(max_plate_nesting=0, **kwargs), TraceARM_ELBO(**kwargs)]:
+        pyro.clear_param_store()
+        loss = elbo.loss_and_grads(model, no_latent_guide, data)
+        results.append((loss, pyro.param("loc").unconstrained().grad.clone()))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert torch.allclose(results[1][1], results[0][1], rtol=1e-4)
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vec", "seq"])
+def test_unbiased_markov_chain(vectorize, float64):
+    elbo = TraceARM_ELBO(
+        num_particles=50 if vectorize else 2, vectorize_particles=vectorize, estimator="disarm"
+    )
+    assert_unbiased(
+        elbo,
+        config_enumerate(markov_chain),
+        chain_guide,
+        (torch.tensor(X),),
+        num_samples=4000 if vectorize else 200,
+        reference=summed_reference(chain_summed),
+    )
+
+
+def test_guide_enumerated_inside_markov_raises():
+    def markov_guide(data):
+        s = 0
+        for t in pyro.markov(range(len(data))):
+            s = pyro.sample(f"s_{t}", dist.Categorical(logits=trans()[s]))
+
+    pyro.clear_param_store()
+    with pytest.raises(NotImplementedError, match="At site 's_0'.*pyro.markov"):
+        TraceARM_ELBO().loss(hmm, config_enumerate(markov_guide), torch.tensor(X))

@@ -34,3 +34,9 @@ def test_variable_selection_smoke(tmp_path):
 def test_noisy_or_smoke(tmp_path):
     out = run_example("noisy_or.py", tmp_path)
     assert "20 steps in" in out
+
+
+def test_mixture_smoke(tmp_path):
+    out = run_example("mixture.py", tmp_path)
+    assert "TraceEnum_ELBO with the indicator enumerated" in out
+    assert "best ELBO found" in out
