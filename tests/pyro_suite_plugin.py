@@ -9,6 +9,10 @@ the estimator (default ``arm``).
 parametrized with ``Elbo=Trace_ELBO``, ``TraceGraph_ELBO`` or ``DiffTrace_ELBO`` runs with
 ``TraceARM_ELBO`` (its ``differentiable_loss`` for ``DiffTrace_ELBO``) in its place; all other
 items, and ``test_particle_gradient`` (its expected values are ``Trace_ELBO``'s), are deselected.
+The ``"parallel"`` and ``"sequential"`` items of ``test_enum_discrete_misuse_warning`` expect
+``Trace_ELBO``'s warning that it samples a site marked for enumeration; ``TraceARM_ELBO`` sums
+the first out, as ``TraceEnum_ELBO`` does, and refuses the second: they are marked ``xfail``,
+strict (:data:`ELBO_DIVERGENCES`).
 
 ``tests/infer/test_enum.py`` calls ``TraceEnum_ELBO(...)`` in its test bodies: the module's
 ``TraceEnum_ELBO`` (and ``infer.TraceEnum_ELBO``) is :func:`TraceEnumARM_ELBO`, a
@@ -21,10 +25,10 @@ is fully enumerated or samples no discrete site (``test_elbo_enumerate_*``,
 ``test_bernoulli_pyramid_elbo_gradient``, ``test_elbo_zip``, the ``parallel`` items of
 ``test_elbo_bern*`` and ``test_elbo_*plate*``, ...), statistically at Pyro's tolerances where a
 discrete guide site is sampled (the items with ``enumerate=None``), the antithetic estimator in
-place of the score function. Marked ``xfail``, strict: the items that enumerate
-``"sequential"`` or that :data:`ENUM_REFUSED` lists (they must raise
-:class:`NotImplementedError`), and those that fail by a cause :data:`ENUM_KNOWN_FAILURES` or
-:data:`ENUM_MONTE_CARLO_FAILURE` names; not strict, :data:`ENUM_SEED_FAILURES`.
+place of the score function. Marked ``xfail``, strict, where they must raise
+:class:`NotImplementedError`: the items that enumerate ``"sequential"``, by Monte Carlo
+(``num_samples`` beside ``"parallel"``) or as :data:`ENUM_REFUSED` lists; not strict,
+:data:`ENUM_SEED_FAILURES`.
 
 Usage, from a copy of Pyro's tests::
 
@@ -154,36 +158,15 @@ _MONTE_CARLO_PARAM = (
     "test_elbo_plate_iplate",
 )
 
-#: test_enum.py's items that fail through ``TraceARM_ELBO``, by cause (regular expressions
-#: searched in the item's name; marked ``xfail``, strict where the failure is deterministic)
-ENUM_KNOWN_FAILURES = {
-    "a guide that calls torch.autograd.grad: the antithetic branches run it under no_grad": (
-        r"^test_svi_step_guide_uses_grad\[None\]$"
-    ),
-    "poutine.mask on a site enumerated in the model (its own log-density is masked, so each "
-    "masked element adds log K), or an enumerated value reaching a site only through the "
-    "mask (the site is not contracted)": (
-        r"^test_elbo_enumerate_plate_[23]\[masked-|^test_mixture_of_diag_normals\["
-    ),
-    "model enumeration upstream of plate-local guide enumeration: TraceEnum_ELBO refuses it "
-    "(ValueError), TraceARM_ELBO returns a wrong value": (
-        r"^test_elbo_enumerate_plate_5$|^test_elbo_enumerate_plates_8\[plate-"
-    ),
-}
-#: the cause of the failures of the items that enumerate by Monte Carlo
-ENUM_MONTE_CARLO_FAILURE = (
-    "Monte Carlo enumeration (num_samples beside 'parallel') is neither refused nor weighted "
-    "1/num_samples: wrong losses, AttributeError on continuous sites, huge allocations"
-)
-
-#: test_enum.py's tests that TraceARM_ELBO refuses with :class:`NotImplementedError`, by reason
+#: test_enum.py's items that TraceARM_ELBO refuses with :class:`NotImplementedError`, by reason
+#: (regular expressions searched in the item's name)
 ENUM_REFUSED = {
     "a guide site whose distribution depends on a value the guide enumerates": (
-        "test_elbo_enumerate_plate_7",
+        r"^test_elbo_enumerate_plate_7(\[|$)"
     ),
-    "a guide site enumerated inside pyro.markov": (
-        "test_elbo_hmm_in_model",
-        "test_elbo_hmm_in_guide",
+    "a guide site enumerated inside pyro.markov": r"^test_elbo_hmm_in_(model|guide)\[",
+    "model enumeration more global than the guide's (TraceEnum_ELBO raises ValueError)": (
+        r"^test_elbo_enumerate_plate_5$|^test_elbo_enumerate_plates_8\[plate-"
     ),
 }
 
@@ -204,18 +187,15 @@ def _enum_marker(item, params: dict):
     values = [value for value in params.values() if isinstance(value, str)]
     if "sequential" in values or name in _SEQUENTIAL_IN_BODY:
         return _refused("sequential enumeration")
-    for reason, names in ENUM_REFUSED.items():
-        if name in names:
+    for reason, pattern in ENUM_REFUSED.items():
+        if re.search(pattern, item.name):
             return _refused(reason)
     monte_carlo = ("parallel" in values and name in _MONTE_CARLO_ALWAYS) or (
         name in _MONTE_CARLO_PARAM
         and any(params.get(k) for k in ("num_samples", "num_samples1", "num_samples2"))
     )
     if monte_carlo:
-        return pytest.mark.xfail(strict=True, reason=ENUM_MONTE_CARLO_FAILURE)
-    for reason, pattern in ENUM_KNOWN_FAILURES.items():
-        if re.search(pattern, item.name):
-            return pytest.mark.xfail(strict=True, reason=reason)
+        return _refused("Monte Carlo enumeration (num_samples beside 'parallel')")
     if re.search(ENUM_SEED_FAILURES, item.name):
         reason = "fails under TraceEnum_ELBO too at some seeds (tolerance about one s.e.)"
         return pytest.mark.xfail(strict=False, reason=reason)
@@ -235,6 +215,14 @@ def _keep_enum_item(item) -> bool:
     return True
 
 
+#: test_valid_models.py's items where TraceARM_ELBO differs from the ``Elbo`` it replaces, by
+#: reason (regular expressions searched in the item's name; marked ``xfail``, strict)
+ELBO_DIVERGENCES = {
+    "TraceARM_ELBO sums out a site marked 'parallel' as TraceEnum_ELBO does, without "
+    "Trace_ELBO's warning that it samples it": r"^test_enum_discrete_misuse_warning\[.*parallel",
+}
+
+
 def _keep_elbo_item(item) -> bool:
     """Whether a test_valid_models.py or test_gradient.py item runs (with ``TraceARM_ELBO`` in
     place of its ``Elbo``)."""
@@ -242,6 +230,12 @@ def _keep_elbo_item(item) -> bool:
     elbo = params.get("Elbo")
     if "test_particle_gradient" in item.name:
         return False
+    if elbo in (Trace_ELBO, TraceGraph_ELBO) and "test_enum_discrete_misuse" in item.name:
+        if params.get("enumerate_") == "sequential":
+            item.add_marker(_refused("sequential enumeration"))
+        for reason, pattern in ELBO_DIVERGENCES.items():
+            if re.search(pattern, item.name):
+                item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
     if elbo in (Trace_ELBO, TraceGraph_ELBO):
         params["Elbo"] = ARM_ELBO
         return True
