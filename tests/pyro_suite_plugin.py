@@ -40,7 +40,7 @@ Usage, from a copy of Pyro's tests::
         <repo>/.venv/bin/python -m pytest -p pyro_suite_plugin -p no:cacheprovider -q \\
         tests/infer/test_valid_models.py tests/infer/test_gradient.py tests/infer/test_enum.py
 
-(``-p no:cacheprovider`` keeps the copy clean; test_enum.py takes about two minutes on one
+(``-p no:cacheprovider`` keeps the copy clean; test_enum.py takes about four minutes on one
 core.)
 """
 
