@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """
-Enumeration: model sites marked for parallel enumeration are summed out, unbiased against
-references summed out by hand, for every estimator, sequential and vectorized; every other
-site marked for enumeration raises NotImplementedError naming it (never sampled silently).
+Enumeration: model and guide sites marked for parallel enumeration are summed out, unbiased
+against references summed out by hand, for every estimator, sequential and vectorized; a site
+marked for enumeration that cannot be summed out (sequential, Monte Carlo, a guide site inside
+pyro.markov, ...) raises NotImplementedError naming it, and is never sampled silently.
 """
 
 import math
