@@ -5,15 +5,17 @@ same run give (every wrapper, mask and scale honoured), without building a Trace
 """
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer.enum import get_importance_trace
 
-from pyro_arm import costs
+from pyro_arm import TraceARM_ELBO, costs
 from pyro_arm.costs import ReplayValuesMessenger, costs_of, run_costs, trace_cost_terms
 from pyro_arm.estimators import get_estimator
 from pyro_arm.sampler import SampleMessenger
 from tests import tiny_models
+from tests.exact import assert_unbiased
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -67,29 +69,26 @@ def test_lean_pass_builds_no_trace(monkeypatch):
 
 
 def newton_model(data):
-    loc = pyro.sample("loc", pyro.distributions.Normal(0.0, 10.0))
-    pyro.sample("b", pyro.distributions.Bernoulli(0.5))
+    loc = pyro.sample("loc", dist.Normal(0.0, 10.0))
+    pyro.sample("b", dist.Bernoulli(0.5))
     with pyro.plate("data", len(data)):
-        pyro.sample("obs", pyro.distributions.Normal(loc, 1.0), obs=data)
+        pyro.sample("obs", dist.Normal(loc, 1.0), obs=data)
 
 
 def newton_guide(data):
     """A guide that differentiates inside (one Newton step from 0), as a Laplace guide does."""
-    p = pyro.param("p", torch.tensor(0.3), constraint=pyro.distributions.constraints.unit_interval)
+    p = pyro.param("p", torch.tensor(0.3), constraint=dist.constraints.unit_interval)
     x = torch.zeros((), requires_grad=True)
-    log_p = pyro.distributions.Normal(0.0, 10.0).log_prob(x)
-    log_p = log_p + pyro.distributions.Normal(x, 1.0).log_prob(data).sum()
+    log_p = dist.Normal(0.0, 10.0).log_prob(x)
+    log_p = log_p + dist.Normal(x, 1.0).log_prob(data).sum()
     g = torch.autograd.grad(log_p, [x], create_graph=True)[0]
     h = torch.autograd.grad(g, [x], create_graph=True)[0]
-    pyro.sample("loc", pyro.distributions.Normal(x.detach() - g / h, 1.0))
-    pyro.sample("b", pyro.distributions.Bernoulli(p))
+    pyro.sample("loc", dist.Normal(x.detach() - g / h, 1.0))
+    pyro.sample("b", dist.Bernoulli(p))
 
 
 def test_guide_that_differentiates_inside(float64):
     """The branch runs, without gradient, retry such a guide with gradient: unbiased."""
-    from pyro_arm import TraceARM_ELBO
-    from tests.exact import assert_unbiased
-
     pyro.clear_param_store()
     data = torch.tensor([0.0, 1.0, 3.0])
     assert_unbiased(

@@ -13,7 +13,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
-from pyro.infer import config_enumerate
+from pyro.infer import TraceEnum_ELBO, config_enumerate
 
 from pyro_arm import IWELBO, TraceARM_ELBO
 from pyro_arm.enum import MARGINAL_PREFIX, Expectation
@@ -583,7 +583,6 @@ def hmm(data):
 def test_markov_chain_in_the_model_is_exact(vectorize):
     """A 40-step chain under pyro.markov (its dims recycled, more variables than letters):
     the loss and gradient are TraceEnum_ELBO's."""
-    from pyro.infer import TraceEnum_ELBO
 
     data = torch.linspace(-1.0, 2.0, 40)
     model = config_enumerate(hmm)
@@ -655,8 +654,6 @@ def mask_from_enumerated_value(data):
     ids=["masked_site", "mask_from_value"],
 )
 def test_masks_as_in_trace_enum_elbo(model, data):
-    from pyro.infer import TraceEnum_ELBO
-
     model = config_enumerate(model)
     expected = TraceEnum_ELBO(max_plate_nesting=2).loss(model, no_latent_guide, data)
     assert TraceARM_ELBO(max_plate_nesting=2).loss(model, no_latent_guide, data) == pytest.approx(

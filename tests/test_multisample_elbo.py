@@ -8,9 +8,11 @@ in float64.
 """
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer import TraceGraph_ELBO
+from pyro.distributions.testing.rejection_gamma import ShapeAugmentedGamma
+from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
 from pyro_arm import TraceARM_ELBO, multisample, trace_arm_elbo
 from tests import tiny_models
@@ -235,9 +237,6 @@ def test_partly_reparameterized_site_takes_one_draw():
     """A site with both a pathwise and a score-function part (a rejection sampler) takes no
     extra draws in the branches (their score would not be its score function): ``"arms"`` gives
     its parameter the gradient ``Trace_ELBO`` gives, draw for draw."""
-    import pyro.distributions as dist
-    from pyro.distributions.testing.rejection_gamma import ShapeAugmentedGamma
-    from pyro.infer import Trace_ELBO
 
     def model():
         with pyro.plate("n", 1000):
